@@ -1,0 +1,368 @@
+"""Balanced partition of the stage graph into N components, with each component's interface.
+
+Components are contiguous runs of stages chosen to minimise the largest
+component cost (exact dynamic programme).  Options:
+
+* ``layout="outer_ring"``: the paper's SDXL layout -- the last component holds
+  the first and the last stages (the high-resolution ring), the others split
+  the deep middle sequentially.
+* ``batched_stride=True`` (stride 2 on N devices): the last component runs
+  both timesteps of a round on its device, so it is balanced at twice its cost.
+
+A component's interface lists only tensors that cross a cut: its inputs are
+the latent ``sample`` (if it holds ``conv_in``), the hidden state and skip
+tensors produced by other components, and ``timestep`` /
+``encoder_hidden_states`` / ``text_embeds`` / ``time_ids`` where its stages
+need them; its outputs are the stage outputs other components consume, and
+``noise_pred`` for the component holding ``conv_out``.  Tensor names are the
+names of the stages that produce them (see ``asyncdiff.stages``).
+
+CLI::
+
+    python -m asyncdiff.partition --model sd21-full --components 3 --height 768 --width 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from asyncdiff.profile import StageProfile
+
+LAYOUTS = ("sequential", "outer_ring")
+NOISE_PRED = "noise_pred"
+FINAL_STAGE = "conv_out"
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int]  # batch first
+    role: str  # latent | timestep | text | text_embeds | time_ids | hidden | skip | noise_pred
+    producer: int | None = None  # component index, None for pipeline inputs
+    dtype: str = "float32"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ComponentSpec:
+    index: int
+    stages: list[str]
+    cost: float
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ComponentSpec":
+        return cls(
+            data["index"], data["stages"], data["cost"],
+            [TensorSpec(**t) for t in data["inputs"]], [TensorSpec(**t) for t in data["outputs"]],
+        )
+
+    @property
+    def name(self) -> str:
+        """The Triton model name of this component."""
+        return f"unet_part_{self.index}"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class Partition:
+    model: str
+    num_components: int
+    stride: int
+    layout: str
+    batched_stride: bool
+    batch: int
+    latent_height: int
+    latent_width: int
+    cost_metric: str
+    stage_names: list[str]
+    stage_costs: list[float]
+    skips: dict[str, str]  # consumer stage -> producer stage
+    components: list[ComponentSpec] = field(default_factory=list)
+
+    # -- queries -----------------------------------------------------------
+    def owner(self, stage: str) -> int:
+        for comp in self.components:
+            if stage in comp.stages:
+                return comp.index
+        raise KeyError(stage)
+
+    @property
+    def total_cost(self) -> float:
+        return sum(self.stage_costs)
+
+    def cost_share(self, k: int) -> float:
+        return self.components[k].cost / self.total_cost if self.total_cost else 0.0
+
+    def cross_bytes(self, bytes_per_element: int = 4) -> int:
+        """Bytes of stage outputs crossing cuts per compute round (each consumer counted)."""
+        total = 0
+        for comp in self.components:
+            total += sum(t.numel for t in comp.inputs if t.role in ("hidden", "skip"))
+        return total * bytes_per_element
+
+    # -- (de)serialisation ------------------------------------------------
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Partition":
+        comps = [ComponentSpec.from_json(c) for c in data["components"]]
+        return cls(**{**data, "components": comps})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Partition":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+# -- balancing --------------------------------------------------------------
+
+def split_contiguous(costs: list[float], n: int, last_weight: float = 1.0) -> list[int]:
+    """Cut points ``[0, c1, ..., len(costs)]`` of n non-empty contiguous parts minimising the
+    maximum part cost, the last part's cost multiplied by ``last_weight``."""
+    s = len(costs)
+    if not 1 <= n <= s:
+        raise ValueError(f"components must be in [1, {s}] (the number of stages), got {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][j]: minimal max cost of splitting stages [0, j) into k parts (weight 1).
+    best = [[inf] * (s + 1) for _ in range(n + 1)]
+    cut = [[0] * (s + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        weight = last_weight if k == n else 1.0
+        for j in range(k, s - (n - k) + 1):
+            for i in range(k - 1, j):
+                cand = max(best[k - 1][i], weight * (prefix[j] - prefix[i]))
+                if cand < best[k][j]:
+                    best[k][j], cut[k][j] = cand, i
+    cuts, j = [s], s
+    for k in range(n, 0, -1):
+        j = cut[k][j]
+        cuts.append(j)
+    return cuts[::-1]
+
+
+def assign_sequential(costs: list[float], n: int, last_weight: float = 1.0) -> list[list[int]]:
+    cuts = split_contiguous(costs, n, last_weight)
+    return [list(range(cuts[k], cuts[k + 1])) for k in range(n)]
+
+
+def assign_outer_ring(costs: list[float], n: int, last_weight: float = 1.0) -> list[list[int]]:
+    """Components 0..n-2 split a middle run [a, b); component n-1 holds [0, a) and [b, S)."""
+    s = len(costs)
+    if not 2 <= n <= s - 1:
+        raise ValueError(f"outer_ring needs components in [2, {s - 1}], got {n}")
+    best, best_parts = float("inf"), None
+    for a in range(1, s - n + 1):
+        for b in range(a + n - 1, s):
+            ring = last_weight * (sum(costs[:a]) + sum(costs[b:]))
+            if ring >= best:
+                continue
+            middle = split_contiguous(costs[a:b], n - 1)
+            worst = max(ring, *(sum(costs[a + middle[k]:a + middle[k + 1]]) for k in range(n - 1)))
+            if worst < best:
+                best = worst
+                best_parts = [list(range(a + middle[k], a + middle[k + 1])) for k in range(n - 1)]
+                best_parts.append(list(range(a)) + list(range(b, s)))
+    return best_parts
+
+
+# -- interfaces -------------------------------------------------------------
+
+def build_partition(
+    profile: StageProfile,
+    skips: dict[str, str],
+    needs: dict[str, tuple[bool, bool]],
+    num_components: int,
+    *,
+    model: str,
+    stride: int = 1,
+    layout: str = "sequential",
+    batched_stride: bool = False,
+    text_time: bool = False,
+    assignment: list[list[int]] | None = None,
+) -> Partition:
+    """Balance ``profile``'s stages into components and derive every component's interface.
+
+    ``needs[stage] = (needs_temb, needs_text)``.  ``assignment`` (stage indices per component)
+    overrides the balancer, e.g. to reproduce a hand-written partition.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    weight = 2.0 if (stride == 2 and batched_stride) else 1.0
+    if assignment is None:
+        assign = assign_outer_ring if layout == "outer_ring" else assign_sequential
+        assignment = assign(profile.costs, num_components, weight)
+    names = profile.names
+    owner = {names[i]: k for k, idx in enumerate(assignment) for i in idx}
+    batch, _, height, width = profile.input_shapes["sample"]
+    part = Partition(
+        model, len(assignment), stride, layout, batched_stride, batch, height, width,
+        profile.metric, names, profile.costs, dict(skips),
+    )
+    for k, idx in enumerate(assignment):
+        stages = [names[i] for i in idx]
+        cost = sum(profile.costs[i] for i in idx)
+        inputs = _inputs(k, stages, names, skips, owner, needs, profile, text_time)
+        outputs = _outputs(k, stages, names, skips, owner, profile)
+        part.components.append(ComponentSpec(k, stages, cost, inputs, outputs))
+    return part
+
+
+def _inputs(k, stages, names, skips, owner, needs, profile, text_time) -> list[TensorSpec]:
+    shapes, inp = profile.shapes, profile.input_shapes
+    specs: list[TensorSpec] = []
+    if names[0] in stages:
+        specs.append(TensorSpec("sample", inp["sample"], "latent"))
+    seen = set()
+    for st in stages:
+        prev = names[names.index(st) - 1] if st != names[0] else None
+        for src, role in ((prev, "hidden"), (skips.get(st), "skip")):
+            if src is not None and owner[src] != k and src not in seen:
+                seen.add(src)
+                specs.append(TensorSpec(src, shapes[src], role, producer=owner[src]))
+    if any(needs[s][0] for s in stages):
+        specs.append(TensorSpec("timestep", inp["timestep"], "timestep"))
+        if text_time:
+            specs.append(TensorSpec("text_embeds", inp["text_embeds"], "text_embeds"))
+            specs.append(TensorSpec("time_ids", inp["time_ids"], "time_ids"))
+    if any(needs[s][1] for s in stages):
+        specs.append(TensorSpec("encoder_hidden_states", inp["encoder_hidden_states"], "text"))
+    return specs
+
+
+def _outputs(k, stages, names, skips, owner, profile) -> list[TensorSpec]:
+    consumers: dict[str, str] = {}  # producer -> role of its first foreign consumer
+    for i, st in enumerate(names[1:], start=1):
+        for src, role in ((names[i - 1], "hidden"), (skips.get(st), "skip")):
+            if src in stages and owner[st] != k:
+                consumers.setdefault(src, role)
+    specs = [
+        TensorSpec(st, profile.shapes[st], consumers[st], producer=k)
+        for st in stages
+        if st in consumers
+    ]
+    if FINAL_STAGE in stages:
+        specs.append(TensorSpec(NOISE_PRED, profile.shapes[FINAL_STAGE], NOISE_PRED, producer=k))
+    return specs
+
+
+def partition_unet(
+    unet,
+    num_components: int,
+    *,
+    model: str,
+    batch: int = 2,
+    height: int | None = None,
+    width: int | None = None,
+    metric: str = "flops",
+    stride: int = 1,
+    layout: str = "sequential",
+    batched_stride: bool = False,
+) -> Partition:
+    """Profile ``unet`` at the latent size (default: its sample_size) and partition it."""
+    from asyncdiff.profile import profile_stages
+    from asyncdiff.stages import build_stage_graph
+
+    graph = build_stage_graph(unet)
+    height = height or unet.config.sample_size
+    width = width or unet.config.sample_size
+    profile = profile_stages(graph, batch, height, width, metric)
+    needs = {s.name: (s.needs_temb, s.needs_text) for s in graph.stages}
+    return build_partition(
+        profile, graph.skips(), needs, num_components, model=model, stride=stride,
+        layout=layout, batched_stride=batched_stride, text_time=graph.text_time,
+    )
+
+
+# -- CLI --------------------------------------------------------------------
+
+def describe(part: Partition) -> str:
+    """A human-readable table: cost share and interface tensors per component."""
+    unit = "GFLOP" if part.cost_metric == "flops" else "ms"
+    scale = 1e-9 if part.cost_metric == "flops" else 1e3
+    lines = [
+        f"model={part.model} N={part.num_components} S={part.stride} layout={part.layout} "
+        f"batch={part.batch} latent={part.latent_height}x{part.latent_width} "
+        f"cost={part.cost_metric}",
+    ]
+    for c in part.components:
+        lines.append(
+            f"\n[{c.name}] {len(c.stages)} stages {c.stages[0]}..{c.stages[-1]}  "
+            f"cost {c.cost * scale:.2f} {unit} ({100 * part.cost_share(c.index):.1f}%)"
+        )
+        for direction, specs in (("in ", c.inputs), ("out", c.outputs)):
+            for t in specs:
+                src = f" from part {t.producer}" if direction == "in " and t.producer is not None else ""
+                lines.append(
+                    f"  {direction} {t.name:24s} {str(t.shape):22s} {t.role:12s} "
+                    f"{t.numel * 4 / 1e6:8.3f} MB fp32{src}"
+                )
+    ideal = max(part.cost_share(k) for k in range(part.num_components))
+    lines.append(
+        f"\nlargest component {100 * ideal:.1f}% of the UNet; "
+        f"cross-cut traffic per round {part.cross_bytes() / 1e6:.3f} MB fp32"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from asyncdiff.configs import builtin_names, load_unet, resolve
+
+    p = argparse.ArgumentParser(prog="python -m asyncdiff.partition", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help=f"UNet/pipeline folder or one of {builtin_names()}")
+    p.add_argument("--components", type=int, required=True)
+    p.add_argument("--stride", type=int, default=1, choices=(1, 2))
+    p.add_argument("--batched-stride", action="store_true", help="S=2 on N devices (balance last x2)")
+    p.add_argument("--layout", default="sequential", choices=LAYOUTS)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one prompt with CFG)")
+    p.add_argument("--cost", default="flops", choices=("flops", "time"))
+    p.add_argument("--json", help="also write the partition JSON here")
+    a = p.parse_args(argv)
+    try:
+        source = resolve(a.model)
+        unet = load_unet(source, device="meta" if a.cost == "flops" and source.unet_dir is None else "cpu")
+        size = unet.config.sample_size
+        h = a.height // source.vae_scale if a.height else size
+        w = a.width // source.vae_scale if a.width else size
+        part = partition_unet(
+            unet, a.components, model=a.model, batch=a.batch, height=h, width=w, metric=a.cost,
+            stride=a.stride, layout=a.layout, batched_stride=a.batched_stride,
+        )
+    except ValueError as e:
+        p.error(str(e))
+    print(describe(part))
+    if a.json:
+        part.save(a.json)
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""A diffusers ``UNet2DConditionModel`` as an ordered list of stages with an explicit skip stack.
+
+Stage names (they are also the names of the tensors the stages produce)::
+
+    conv_in                      pushes skip
+    down{b}_{j}                  resnet j (+ attention j) of down block b; pushes skip
+    down{b}_ds                   downsampler of down block b; pushes skip
+    mid                          the whole mid block
+    up{b}_{j}                    pops one skip, concatenates, resnet j (+ attention j)
+    up{b}_us                     upsampler of up block b
+    conv_out                     conv_norm_out + act + conv_out: the noise prediction
+
+The skip stack is LIFO exactly as in diffusers: ``up{b}_{j}`` pops the most
+recent unpopped push.  ``Stage.skip`` names the stage whose output it pops, so
+every skip connection of the UNet is visible in ``StageGraph.skips()``.
+
+The time embedding (timestep projection, MLP and SDXL's ``text_time`` added
+conditioning) is not a stage: it is small, so every component recomputes it
+from ``timestep`` (+ ``text_embeds``, ``time_ids``) rather than receiving it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_DOWN = {"DownBlock2D", "CrossAttnDownBlock2D"}
+SUPPORTED_UP = {"UpBlock2D", "CrossAttnUpBlock2D"}
+SUPPORTED_MID = {"UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None}
+
+
+class TimeEmbedding(nn.Module):
+    """The UNet's time embedding, including SDXL's text_time added conditioning."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.text_time = unet.config.addition_embed_type == "text_time"
+        if self.text_time:
+            self.add_time_proj = unet.add_time_proj
+            self.add_embedding = unet.add_embedding
+        self.act = unet.time_embed_act
+
+    def forward(self, timestep, dtype, text_embeds=None, time_ids=None):
+        emb = self.time_embedding(self.time_proj(timestep).to(dtype))
+        if self.text_time:
+            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+            added = torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding(added)
+        return self.act(emb) if self.act is not None else emb
+
+
+class Stage(nn.Module):
+    """One stage: ``forward(hidden, skip, temb, text) -> hidden``."""
+
+    needs_temb = False
+    needs_text = False
+
+    def __init__(self, name: str, skip: str | None = None, pushes: bool = False):
+        super().__init__()
+        self.name = name
+        self.skip = skip  # name of the stage whose output this one pops
+        self.pushes = pushes
+
+
+class ConvIn(Stage):
+    def __init__(self, unet):
+        super().__init__("conv_in", pushes=True)
+        self.conv = unet.conv_in
+        self.center = bool(unet.config.center_input_sample)
+
+    def forward(self, h, skip, temb, text):
+        return self.conv(2 * h - 1.0 if self.center else h)
+
+
+class ResnetAttention(Stage):
+    """resnet (+ cross-attention transformer); up-path stages first concatenate a skip."""
+
+    needs_temb = True
+
+    def __init__(self, name, resnet, attention=None, skip=None, pushes=False):
+        super().__init__(name, skip=skip, pushes=pushes)
+        self.resnet = resnet
+        self.attention = attention
+        self.needs_text = attention is not None
+
+    def forward(self, h, skip, temb, text):
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        h = self.resnet(h, temb)
+        if self.attention is not None:
+            h = self.attention(h, encoder_hidden_states=text, return_dict=False)[0]
+        return h
+
+
+class Resample(Stage):
+    """A downsampler (pushes a skip) or an upsampler (plain 2x, see ``check_sample_size``)."""
+
+    def __init__(self, name, module, pushes):
+        super().__init__(name, pushes=pushes)
+        self.module = module
+
+    def forward(self, h, skip, temb, text):
+        return self.module(h)
+
+
+class Mid(Stage):
+    needs_temb = True
+
+    def __init__(self, mid_block):
+        super().__init__("mid")
+        self.block = mid_block
+        self.needs_text = bool(getattr(mid_block, "has_cross_attention", False))
+
+    def forward(self, h, skip, temb, text):
+        if self.needs_text:
+            return self.block(h, temb, encoder_hidden_states=text)
+        return self.block(h, temb)
+
+
+class ConvOut(Stage):
+    def __init__(self, unet):
+        super().__init__("conv_out")
+        self.norm = unet.conv_norm_out
+        self.act = unet.conv_act
+        self.conv = unet.conv_out
+
+    def forward(self, h, skip, temb, text):
+        if self.norm is not None:
+            h = self.act(self.norm(h))
+        return self.conv(h)
+
+
+@dataclass
+class StageGraph:
+    """The UNet as stages in execution order plus the shared time embedding."""
+
+    stages: list[Stage]
+    time_embedding: TimeEmbedding
+    config: dict
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def skips(self) -> dict[str, str]:
+        """consumer stage -> producer stage, for every skip connection."""
+        return {s.name: s.skip for s in self.stages if s.skip is not None}
+
+    @property
+    def text_time(self) -> bool:
+        return self.time_embedding.text_time
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        """Run every stage in order: equals ``unet(...).sample``."""
+        timestep = expand_timestep(timestep, sample)
+        temb = self.time_embedding(timestep, sample.dtype, text_embeds, time_ids)
+        values: dict[str, torch.Tensor] = {}
+        h = sample
+        for stage in self.stages:
+            skip = values[stage.skip] if stage.skip else None
+            h = values[stage.name] = stage(h, skip, temb, encoder_hidden_states)
+        return h
+
+
+def expand_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
+    """A per-sample float timestep vector, as components take it (batchable across requests)."""
+    t = torch.as_tensor(timestep, device=sample.device)
+    return t.reshape(-1).expand(sample.shape[0]) if t.numel() == 1 else t.reshape(-1)
+
+
+def build_stage_graph(unet: nn.Module) -> StageGraph:
+    """Decompose ``unet`` into stages; the stages share (not copy) the UNet's modules."""
+    check_supported(unet)
+    stages: list[Stage] = [ConvIn(unet)]
+    stack = ["conv_in"]
+    for b, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j, resnet in enumerate(block.resnets):
+            attn = attentions[j] if attentions is not None else None
+            stages.append(ResnetAttention(f"down{b}_{j}", resnet, attn, pushes=True))
+            stack.append(stages[-1].name)
+        if block.downsamplers is not None:
+            stages.append(Resample(f"down{b}_ds", block.downsamplers[0], pushes=True))
+            stack.append(stages[-1].name)
+    if unet.mid_block is not None:
+        stages.append(Mid(unet.mid_block))
+    for b, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j, resnet in enumerate(block.resnets):
+            attn = attentions[j] if attentions is not None else None
+            stages.append(ResnetAttention(f"up{b}_{j}", resnet, attn, skip=stack.pop()))
+        if block.upsamplers is not None:
+            stages.append(Resample(f"up{b}_us", block.upsamplers[0], pushes=False))
+    stages.append(ConvOut(unet))
+    assert not stack, f"unpopped skips {stack}"
+    return StageGraph(stages, TimeEmbedding(unet), dict(unet.config))
+
+
+def check_supported(unet: nn.Module) -> None:
+    """Reject UNet features the stage graph does not reproduce, naming the config field."""
+    cfg = unet.config
+    unsupported = {
+        "class_embed_type": cfg.class_embed_type,
+        "encoder_hid_dim_type": cfg.encoder_hid_dim_type,
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
+        "num_class_embeds": cfg.num_class_embeds,
+    }
+    for key, value in unsupported.items():
+        if value is not None:
+            raise ValueError(f"UNet config {key}={value!r} is not supported (must be None)")
+    if cfg.addition_embed_type not in (None, "text_time"):
+        raise ValueError(
+            f"UNet config addition_embed_type={cfg.addition_embed_type!r} is not supported "
+            "(allowed: None, 'text_time')"
+        )
+    for kind, types, allowed in (
+        ("down_block_types", cfg.down_block_types, SUPPORTED_DOWN),
+        ("up_block_types", cfg.up_block_types, SUPPORTED_UP),
+        ("mid_block_type", [cfg.mid_block_type], SUPPORTED_MID),
+    ):
+        bad = [t for t in types if t not in allowed]
+        if bad:
+            raise ValueError(f"UNet config {kind} contains {bad}; supported: {sorted(map(str, allowed))}")
+
+
+def check_sample_size(unet_config: dict, height: int, width: int) -> None:
+    """Latent sides must divide by 2**downsamplers: upsamplers then double exactly."""
+    factor = 2 ** (len(unet_config["down_block_types"]) - 1)
+    for name, side in (("height", height), ("width", width)):
+        if side < factor or side % factor:
+            raise ValueError(
+                f"latent {name}={side} must be a positive multiple of {factor} for this UNet"
+            )

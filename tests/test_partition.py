@@ -1,0 +1,103 @@
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from asyncdiff.partition import (
+    Partition, assign_outer_ring, partition_unet, split_contiguous,
+)
+
+
+def brute_force(costs, n, last_weight=1.0):
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, len(costs)), n - 1):
+        b = (0, *cuts, len(costs))
+        parts = [sum(costs[b[k]:b[k + 1]]) for k in range(n)]
+        parts[-1] *= last_weight
+        best = min(best, max(parts))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_dp_is_optimal(seed, weight):
+    rng = random.Random(seed)
+    costs = [rng.uniform(0, 10) for _ in range(9)]
+    for n in range(1, 6):
+        cuts = split_contiguous(costs, n, weight)
+        parts = [sum(costs[cuts[k]:cuts[k + 1]]) for k in range(n)]
+        parts[-1] *= weight
+        assert all(cuts[k] < cuts[k + 1] for k in range(n))
+        assert max(parts) == pytest.approx(brute_force(costs, n, weight))
+
+
+def test_component_count_bounds():
+    with pytest.raises(ValueError, match=r"components must be in \[1, 3\]"):
+        split_contiguous([1, 2, 3], 4)
+
+
+def test_outer_ring_last_component_holds_both_ends():
+    parts = assign_outer_ring([1.0] * 12, 3)
+    ring = parts[-1]
+    assert 0 in ring and 11 in ring
+    middle = sorted(i for p in parts[:-1] for i in p)
+    assert middle == list(range(min(middle), max(middle) + 1))
+    assert sorted(i for p in parts for i in p) == list(range(12))
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    from asyncdiff.configs import load_unet
+
+    return load_unet("sd15")
+
+
+def test_interface_lists_only_cross_cut_tensors(sd15):
+    part = partition_unet(sd15, 3, model="sd15", batch=2)
+    names = {c.index: set(c.stages) for c in part.components}
+    for comp in part.components:
+        for t in comp.inputs:
+            if t.producer is not None:
+                assert t.name not in names[comp.index] and t.name in names[t.producer]
+                assert t.name in part.components[t.producer].output_names
+        for t in comp.outputs:
+            if t.name != "noise_pred":
+                assert any(t.name in c.input_names for c in part.components if c.index != comp.index)
+    assert part.components[0].input_names[0] == "sample"
+    assert part.components[-1].output_names == ["noise_pred"]
+    assert "encoder_hidden_states" in part.components[0].input_names
+
+
+def test_batched_stride_shrinks_the_last_component(sd15):
+    plain = partition_unet(sd15, 2, model="sd15", stride=2)
+    batched = partition_unet(sd15, 2, model="sd15", stride=2, batched_stride=True)
+    assert batched.components[-1].cost < plain.components[-1].cost
+
+
+def test_sdxl_outer_ring_interface(small_unets):
+    part = partition_unet(small_unets["sdxl"], 2, model="sdxl", layout="outer_ring")
+    ring = part.components[-1]
+    assert "conv_in" in ring.stages and "conv_out" in ring.stages
+    assert {"sample", "text_embeds", "time_ids"} <= set(ring.input_names)
+    assert part.components[0].input_names[0] in ring.output_names
+
+
+def test_json_round_trip(sd15, tmp_path):
+    part = partition_unet(sd15, 4, model="sd15", stride=2)
+    part.save(tmp_path / "p.json")
+    back = Partition.load(tmp_path / "p.json")
+    assert back == part
+    assert json.loads((tmp_path / "p.json").read_text())["components"][1]["inputs"][0]["producer"] == 0
+
+
+def test_cli_prints_shares_and_shapes(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncdiff.partition", "--model", "sd15", "--components", "2",
+         "--height", "128", "--width", "128", "--json", str(tmp_path / "p.json")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "[unet_part_1]" in out and "%" in out and "[2, 4, 16, 16]" in out
+    assert Partition.load(tmp_path / "p.json").num_components == 2

@@ -1,11 +1,16 @@
-# Fresh machine: `make demo` (set up, export the tiny model, serve it, generate one image)
-# and `make test` (set up, run the test suite). Both create .venv when missing.
+# Fresh machine: `make demo` (set up, export the tiny model, serve it on a real tritonserver,
+# write one generated image) and `make test` (set up, run the test suite).
+# Both create .venv when it is missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+REPO ?= model_repository
+COMPONENTS ?= 2
+PROMPT ?= a handwritten digit 7
+OUT ?= digit.png
 PYTEST_ARGS ?=
 
-.PHONY: install test
+.PHONY: install repository serve demo test
 
 install: $(STAMP)
 
@@ -14,6 +19,18 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# The embedded tiny model, N=$(COMPONENTS) components on the CPU (onnxruntime), if not exported yet.
+$(REPO)/asyncdiff/config.pbtxt: | $(STAMP)
+	$(PY) -m export --model tiny --components $(COMPONENTS) --backend onnxruntime --out $(REPO)
+
+repository: $(REPO)/asyncdiff/config.pbtxt
+
+serve: repository
+	$(PY) -m serve --model-repository $(REPO)
+
+demo: repository
+	$(PY) -m serve.demo --model-repository $(REPO) --prompt "$(PROMPT)" --out $(OUT)
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)

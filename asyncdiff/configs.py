@@ -114,13 +114,17 @@ def load_unet(source: ModelSource | str, device: str | torch.device = "cpu", see
 
     if isinstance(source, str):
         source = resolve(source)
+    meta = str(device) == "meta"
+    if source.unet_dir is not None and not meta:
+        return UNet2DConditionModel.from_pretrained(source.unet_dir).to(device).eval()
     if source.unet_dir is not None:
-        unet = UNet2DConditionModel.from_pretrained(source.unet_dir)
-        return unet.to(device).eval()
+        config = UNet2DConditionModel.load_config(source.unet_dir)
+    else:
+        config = UNET_CONFIGS[source.name]
     with torch.device(device):
-        if str(device) != "meta":
+        if not meta:
             torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIGS[source.name])
+        unet = UNet2DConditionModel.from_config(config)
     return unet.eval()
 
 

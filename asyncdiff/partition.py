@@ -286,9 +286,18 @@ def partition_unet(
     batched_stride: bool = False,
 ) -> Partition:
     """Profile ``unet`` at the latent size (default: its sample_size) and partition it."""
+    import torch
+
     from asyncdiff.profile import profile_stages
     from asyncdiff.stages import build_stage_graph
 
+    if metric == "flops":
+        # Count on a weightless copy: FLOPs then do not depend on where the weights live
+        # (attention kernels differ between devices), so every caller gets the same cuts.
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet.config)
     graph = build_stage_graph(unet)
     height = height or unet.config.sample_size
     width = width or unet.config.sample_size
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         source = resolve(a.model)
-        unet = load_unet(source, device="meta" if a.cost == "flops" and source.unet_dir is None else "cpu")
+        unet = load_unet(source, device="meta" if a.cost == "flops" else "cpu")
         size = unet.config.sample_size
         h = a.height // source.vae_scale if a.height else size
         w = a.width // source.vae_scale if a.width else size

@@ -88,15 +88,28 @@ def guide(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def denoise(scheduler, latents, guidance_scale: float, noise_pred_fn: Callable, on_step=None):
-    """The sampling loop; ``noise_pred_fn(i, model_input)`` returns the step's [uncond; cond] noise."""
+def denoise_steps(scheduler, latents, guidance_scale: float):
+    """The sampling loop as a generator: yields ``(i, model_input)``, is sent the step's
+    [uncond; cond] noise prediction, and returns the final latents.
+
+    Sync (``denoise``) and async (the Triton BLS) drivers share it.
+    """
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        eps = guide(noise_pred_fn(i, model_input), guidance_scale)
-        latents = scheduler.step(eps, t, latents).prev_sample
-        if on_step is not None:
-            on_step(i)
+        noise_pred = yield i, model_input
+        latents = scheduler.step(guide(noise_pred, guidance_scale), t, latents).prev_sample
     return latents
+
+
+def denoise(scheduler, latents, guidance_scale: float, noise_pred_fn: Callable):
+    """Run ``denoise_steps`` with a synchronous ``noise_pred_fn(i, model_input)``."""
+    loop = denoise_steps(scheduler, latents, guidance_scale)
+    try:
+        request = next(loop)
+        while True:
+            request = loop.send(noise_pred_fn(*request))
+    except StopIteration as done:
+        return done.value
 
 
 def to_uint8_image(decoded: torch.Tensor) -> np.ndarray:
@@ -142,7 +155,7 @@ class AsyncDiffPipeline:
         return self.sd.text_encoder(torch.from_numpy(ids))[0]
 
     @torch.no_grad()
-    def generate_latents(self, req: Request, time_shift: bool = False, on_step=None) -> torch.Tensor:
+    def generate_latents(self, req: Request, time_shift: bool = False) -> torch.Tensor:
         from asyncdiff.runners import ActivationCache
 
         req.validate()
@@ -158,7 +171,7 @@ class AsyncDiffPipeline:
         def noise_pred(i, model_input):
             return self.runner.noise_pred(cache, i, model_input, cond, scheduler.timesteps)
 
-        return denoise(scheduler, latents, req.guidance_scale, noise_pred, on_step)
+        return denoise(scheduler, latents, req.guidance_scale, noise_pred)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

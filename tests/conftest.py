@@ -21,3 +21,24 @@ def small_unets():
     from asyncdiff.configs import load_unet
 
     return {name: load_unet(name) for name in ("sd15", "sd21", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory):
+    """The tiny model exported for N=2, S=1 on onnxruntime, as `make demo` serves it."""
+    from export import cli
+
+    out = tmp_path_factory.mktemp("tiny-n2s1")
+    assert cli.main(["--model", "tiny", "--components", "2", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_repo, tmp_path_factory):
+    """A real tritonserver serving ``tiny_repo``; explicit model control so tests can reload models."""
+    from serve.launcher import TritonServer
+
+    log = tmp_path_factory.mktemp("tiny-server") / "server.log"
+    with TritonServer(tiny_repo, log_file=log,
+                      extra_args=["--model-control-mode=explicit", "--load-model=*"]) as server:
+        yield server

@@ -23,6 +23,12 @@ class ActivationCache:
             raise ValueError(
                 f"plan has {plan.components} components but the partition has {partition.num_components}"
             )
+        if partition.layout != "sequential":
+            # Warm-up runs one call per component in order, but the ring component would have to
+            # run twice per warm-up step (its front before component 0, its back after N-2).
+            raise ValueError(
+                f"layout {partition.layout!r} can be planned but not executed yet; use 'sequential'"
+            )
         self.partition = partition
         self.plan = plan
         self.values: dict[str, tuple[int, Any]] = {}  # tensor name -> (step produced, value)

@@ -32,20 +32,22 @@ class LocalRunner:
         ``timesteps``: the scheduler's timesteps; calls index into them.
         """
         for wave in cache.waves(step):
-            calls = [self._inputs(cache, step, c, latent, conditioning, timesteps) for _, c in wave]
-            outs = self._run_wave([c for _, c in wave], calls)
+            calls = [self.call_inputs(cache, step, c, latent, conditioning, timesteps) for _, c in wave]
+            outs = self.run_wave([c for _, c in wave], calls)
             for (pos, _), out in zip(wave, outs):
                 cache.record(step, pos, out)
         return cache.noise_pred(step)
 
-    def _inputs(self, cache, step, call: Call, latent, conditioning, timesteps) -> dict:
+    def call_inputs(self, cache, step, call: Call, latent, conditioning, timesteps) -> dict:
+        """Everything ``call`` consumes: cached activations, latent, timestep, conditioning."""
         tensors = cache.inputs(step, call, latent)
         batch = conditioning["encoder_hidden_states"].shape[0]
         tensors["timestep"] = timesteps[call.timestep_index].float().reshape(1).expand(batch)
         tensors.update(conditioning)
         return tensors
 
-    def _run_wave(self, calls: list[Call], inputs: list[dict]) -> list[dict]:
+    def run_wave(self, calls: list[Call], inputs: list[dict]) -> list[dict]:
+        """Outputs of each call of a wave (the stride pair batched when ``batch_stride``)."""
         if self.batch_stride and len(calls) > 1 and calls[-1].component == calls[-2].component:
             merged = self._run_batched(calls[-1].component, inputs[-2], inputs[-1])
             return [self._run(c, x) for c, x in zip(calls[:-2], inputs[:-2])] + merged

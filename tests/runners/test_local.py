@@ -89,3 +89,9 @@ def test_plan_and_partition_must_agree(setup):
     part = partition_unet(unet, 2, model="sd15")
     with pytest.raises(ValueError, match="plan has 3 components"):
         ActivationCache(part, make_plan(4, 3))
+
+
+def test_outer_ring_is_rejected_for_execution(small_unets):
+    part = partition_unet(small_unets["sdxl"], 2, model="sdxl", layout="outer_ring")
+    with pytest.raises(ValueError, match="'outer_ring' can be planned but not executed"):
+        ActivationCache(part, make_plan(4, 2))

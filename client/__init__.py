@@ -1,0 +1,1 @@
+"""Command-line and typed client for the asyncdiff Triton model."""

@@ -1,0 +1,128 @@
+"""Generate one image with the ``asyncdiff`` model on a running Triton server.
+
+    python -m client "a handwritten digit 7" --out digit.png
+    python -m client "a handwritten digit 7" --protocol http --seed 3 --steps 25 --scheduler euler
+
+Options left out are not sent: the model's own defaults apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from client.infer import (PROTOCOLS, SCHEDULERS, GenerationParams, auto_upscale_factor,
+                          default_url, generate, upscale)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt")
+    p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (default: %(default)s)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    p.add_argument("--url", help="host:port (default: 127.0.0.1:$GRPC_PORT or 8001 for grpc, "
+                                 "127.0.0.1:$HTTP_PORT or 8000 for http)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    p.add_argument("--warmup", type=int, help="synchronous warm-up steps before the async schedule")
+    # Not restricted to SCHEDULERS: the server names the allowed values in its error.
+    p.add_argument("--scheduler", help=f"e.g. {', '.join(SCHEDULERS)}")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds (default: %(default)s)")
+    p.add_argument("--upscale", type=int, default=0,
+                   help="nearest-neighbour factor for the saved PNG; 0 (default) picks the "
+                        "smallest factor giving >= 256 px, e.g. 16 for the tiny model's 16x16")
+    p.add_argument("--latents", type=Path, help="also save the final latents (.npy)")
+    args = p.parse_args(argv)
+    if args.upscale < 0:
+        p.error("--upscale must be >= 0")
+    if args.timeout <= 0:
+        p.error("--timeout must be > 0")
+    args.url = args.url or default_url(args.protocol)
+    return args
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    return GenerationParams(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                            seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                            warmup=args.warmup, scheduler=args.scheduler)
+
+
+class Spinner:
+    """Shows elapsed time on stderr while a blocking call runs.
+
+    Redrawn in place on a terminal; in logs (not a tty) one line is written instead.
+    """
+
+    def __init__(self, label: str, stream: TextIO = sys.stderr, interval: float = 0.1) -> None:
+        self.label, self.stream, self.interval = label, stream, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = 0.0
+
+    def __enter__(self) -> "Spinner":
+        self._start = time.monotonic()
+        if self.stream.isatty():
+            self._thread.start()
+        else:
+            print(f"{self.label} ...", file=self.stream, flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            self.stream.write("\r\033[K")  # clear the spinner line
+            self.stream.flush()
+
+    def _run(self) -> None:
+        for frame in itertools.cycle("|/-\\"):
+            if self._stop.wait(self.interval):
+                return
+            self.stream.write(f"\r{frame} {self.label} {time.monotonic() - self._start:5.1f} s")
+            self.stream.flush()
+
+
+def save_png(image: np.ndarray, path: Path, factor: int) -> None:
+    from PIL import Image
+
+    image = upscale(image, factor or auto_upscale_factor(image))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    args = parse_args(argv)
+    start = time.monotonic()
+    try:
+        with Spinner(f"asyncdiff via {args.protocol} at {args.url}"):
+            result = generate(params_from_args(args), protocol=args.protocol, url=args.url,
+                              timeout=args.timeout)
+    except InferenceServerException as exc:
+        print(f"error: {exc.message() or exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # HTTP: refused or timed-out connections surface as socket errors
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - start
+    save_png(result.image, args.out, args.upscale)
+    if args.latents:
+        np.save(args.latents, result.latents)
+    h, w = result.image.shape[:2]
+    print(f"{args.out} ({w}x{h} image) in {elapsed:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Typed client for the ``asyncdiff`` Triton model over gRPC or HTTP.
+
+    from client.infer import GenerationParams, generate
+    result = generate(GenerationParams("a handwritten digit 7", seed=0), protocol="grpc")
+    result.image  # uint8 [H, W, 3]
+
+Only the parameters that are set are sent; the model applies its own defaults
+for the rest, so the client never has to track them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+MODEL_NAME = "asyncdiff"
+OUTPUTS = ("IMAGE", "LATENTS")
+Protocol = Literal["grpc", "http"]
+PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
+SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+# Triton's defaults; GRPC_PORT / HTTP_PORT match what `python -m serve` reads.
+DEFAULT_PORTS: dict[Protocol, tuple[str, int]] = {"grpc": ("GRPC_PORT", 8001),
+                                                  "http": ("HTTP_PORT", 8000)}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One request. ``None`` means "not sent": the server's default applies."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    warmup: int | None = None
+    scheduler: str | None = None
+
+
+# field -> (Triton input name, numpy dtype, Triton dtype). Every input has dims [1].
+INPUTS: dict[str, tuple[str, Any, str]] = {
+    "prompt": ("PROMPT", np.object_, "BYTES"),
+    "negative_prompt": ("NEGATIVE_PROMPT", np.object_, "BYTES"),
+    "seed": ("SEED", np.int64, "INT64"),
+    "steps": ("STEPS", np.int32, "INT32"),
+    "guidance_scale": ("GUIDANCE_SCALE", np.float32, "FP32"),
+    "warmup": ("WARMUP", np.int32, "INT32"),
+    "scheduler": ("SCHEDULER", np.object_, "BYTES"),
+}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: np.ndarray  # uint8 [H, W, 3]
+    latents: np.ndarray  # float32 [C, h, w]
+
+
+def default_url(protocol: Protocol, env: dict[str, str] | None = None) -> str:
+    var, port = DEFAULT_PORTS[protocol]
+    return f"127.0.0.1:{(os.environ if env is None else env).get(var, port)}"
+
+
+def _module(protocol: Protocol) -> ModuleType:
+    # Imported lazily: tritonclient.http pulls in gevent, gRPC pulls grpcio.
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    elif protocol == "http":
+        import tritonclient.http as module
+    else:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return module
+
+
+def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
+    """Triton input name -> array of shape [1], for the fields that are set."""
+    arrays = {}
+    for f in fields(params):
+        value = getattr(params, f.name)
+        if value is None:
+            continue
+        name, dtype, _ = INPUTS[f.name]
+        if dtype is np.object_:
+            # BYTES tensors are object arrays of bytes; encode here so that
+            # non-ASCII prompts reach the server as UTF-8 on both protocols.
+            value = value.encode("utf-8")
+        arrays[name] = np.array([value], dtype=dtype)
+    return arrays
+
+
+def build_request(params: GenerationParams, protocol: Protocol) -> tuple[list, list]:
+    """(InferInput list, InferRequestedOutput list) of the protocol's tritonclient module."""
+    module = _module(protocol)
+    triton_dtypes = {name: triton for name, _, triton in INPUTS.values()}
+    inputs = []
+    for name, array in input_arrays(params).items():
+        tensor = module.InferInput(name, list(array.shape), triton_dtypes[name])
+        tensor.set_data_from_numpy(array)  # HTTP: binary by default, no JSON round-trip
+        inputs.append(tensor)
+    outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
+    return inputs, outputs
+
+
+def generate(params: GenerationParams, protocol: Protocol = "grpc", url: str | None = None,
+             timeout: float = 300.0, model_name: str = MODEL_NAME) -> GenerationResult:
+    """Send one request and wait for it. Raises ``InferenceServerException`` on server errors."""
+    module = _module(protocol)
+    url = url or default_url(protocol)
+    inputs, outputs = build_request(params, protocol)
+    if protocol == "grpc":
+        with module.InferenceServerClient(url) as client:
+            result = client.infer(model_name, inputs, outputs=outputs, client_timeout=timeout)
+    else:
+        # HTTP has no per-call deadline; the socket timeout bounds the wait instead.
+        with module.InferenceServerClient(url, connection_timeout=min(timeout, 60.0),
+                                          network_timeout=timeout) as client:
+            result = client.infer(model_name, inputs, outputs=outputs)
+    return GenerationResult(image=result.as_numpy("IMAGE"), latents=result.as_numpy("LATENTS"))
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscale of an [H, W, C] image: keeps the tiny model's pixels crisp."""
+    if factor < 1:
+        raise ValueError(f"upscale factor must be >= 1, got {factor}")
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def auto_upscale_factor(image: np.ndarray, target: int = 256) -> int:
+    """Smallest integer factor that brings the longer side to at least ``target`` pixels."""
+    longest = max(image.shape[:2])
+    return max(1, -(-target // longest))

@@ -1,0 +1,1 @@
+"""perf_analyzer recipe for the asyncdiff model (see run_perf.py)."""

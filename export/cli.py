@@ -1,0 +1,377 @@
+"""``python -m export``: a diffusers checkpoint -> per-component ONNX/TensorRT + a Triton repository.
+
+See docs/export.md for the flags, the files written and what is verified where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from export import repository as repo_mod
+from export import tensorrt as trt_mod
+from export.onnx_export import (
+    Artifact, InterfaceSampler, Network, ParityError, component_network, export_network,
+    save_torch_component, text_encoder_network, vae_decoder_network,
+)
+
+ONNX_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
+BUILD_SCRIPT = "build_engines.sh"
+EXIT_PARITY, EXIT_NO_TENSORRT = 3, 4
+
+
+@dataclass
+class ExportOptions:
+    model: str = "tiny"
+    components: int = 2
+    stride: int = 1
+    backend: str = "onnxruntime"  # tensorrt | onnxruntime | torch
+    out: Path = Path("model_repository")
+    height: int | None = None  # image pixels; default: the UNet's sample_size * VAE scale
+    width: int | None = None
+    batch: int = 2  # UNet batch at export (2 = one prompt with classifier-free guidance)
+    max_batch: int | None = None  # dynamic batching / engine profile limit; default 4 * batch
+    fp16: bool = False
+    gpus: list[int] | None = None
+    batched_stride: bool = False
+    cost: str = "flops"
+    build_engines: bool = False
+    overwrite: bool = False
+    validate: bool = True
+    progress: bool = True
+    defaults: repo_mod.PipelineDefaults = field(default_factory=repo_mod.PipelineDefaults)
+
+    @property
+    def limit(self) -> int:
+        return self.max_batch or 4 * self.batch
+
+
+@dataclass
+class Source:
+    """What was loaded: always a UNet; the rest only from a diffusers pipeline folder."""
+
+    name: str
+    unet: torch.nn.Module
+    vae_scale: int
+    text_encoder: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    scheduler_config: Path | None = None
+    tokenizer_dir: Path | None = None
+
+    @property
+    def full_pipeline(self) -> bool:
+        return None not in (self.text_encoder, self.vae, self.scheduler_config, self.tokenizer_dir)
+
+
+@dataclass
+class ExportResult:
+    options: ExportOptions
+    partition: object
+    artifacts: list[Artifact]
+    engines: list[Path]
+    build_commands: list[str]
+    notes: list[str]
+    seconds: float
+
+
+def load_source(model: str) -> Source:
+    from asyncdiff.configs import load_unet, resolve
+
+    src = resolve(model)
+    unet = load_unet(src, device="cpu")
+    source = Source(model, unet, src.vae_scale)
+    folder = Path(src.name)  # resolve() maps "tiny" to its folder
+    if src.unet_dir is None or src.unet_dir != folder / "unet" \
+            or not (folder / "model_index.json").exists():
+        return source  # a built-in or a UNet folder (even inside a pipeline): components only
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    if (folder / "text_encoder").is_dir():
+        source.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    if (folder / "vae").is_dir():
+        source.vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        source.scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if (folder / "tokenizer").is_dir():
+        source.tokenizer_dir = folder / "tokenizer"
+    return source
+
+
+def latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
+    size = source.unet.config.sample_size
+    pixels = (opts.height or size * source.vae_scale, opts.width or size * source.vae_scale)
+    for name, px in zip(("height", "width"), pixels):
+        if px % source.vae_scale:
+            raise ValueError(f"--{name} {px} must be a multiple of the VAE scale {source.vae_scale}")
+    return pixels[0] // source.vae_scale, pixels[1] // source.vae_scale
+
+
+def run_export(opts: ExportOptions) -> ExportResult:
+    """Everything but the printing: returns what was written and checked."""
+    from asyncdiff.components import build_components
+    from asyncdiff.partition import partition_unet
+    from asyncdiff.stages import build_stage_graph
+
+    start = time.perf_counter()
+    _check_options(opts)
+    placements = repo_mod.component_placements(  # bad --gpus fail here, before any export
+        opts.components, opts.stride, opts.batched_stride,
+        opts.gpus if opts.gpus is not None else _default_gpus(opts))
+    out = _prepare_out(Path(opts.out), opts.overwrite)
+    source = load_source(opts.model)
+    h, w = latent_size(opts, source)
+    part = partition_unet(source.unet, opts.components, model=opts.model, batch=opts.batch,
+                          height=h, width=w, metric=opts.cost, stride=opts.stride,
+                          batched_stride=opts.batched_stride)
+    graph = build_stage_graph(source.unet)
+    sampler = InterfaceSampler(graph, h, w)
+    components = build_components(graph, part)
+    networks = [component_network(c, sampler) for c in components]
+    notes: list[str] = []
+    if source.full_pipeline:
+        networks += [text_encoder_network(source.text_encoder),
+                     vae_decoder_network(source.vae, h, w)]
+    else:
+        notes.append(f"{opts.model!r} is not a diffusers pipeline folder: only the UNet components "
+                     "are exported (no text_encoder, vae_decoder or asyncdiff pipeline model)")
+    artifacts = _export_all(opts, out, networks, part, dict(source.unet.config))
+    _write_configs(opts, out, artifacts, placements)
+    if source.full_pipeline:
+        _write_pipeline(opts, out, _served_partition(part, artifacts), source, h, w, artifacts)
+    engines, commands = _engines(opts, out, artifacts, notes)
+    return ExportResult(opts, part, artifacts, engines, commands, notes, time.perf_counter() - start)
+
+
+def _check_options(opts: ExportOptions) -> None:
+    if opts.backend not in repo_mod.BACKENDS:
+        raise ValueError(f"--backend must be one of {repo_mod.BACKENDS}, got {opts.backend!r}")
+    if opts.batch < 1 or opts.limit < opts.batch:
+        raise ValueError(f"need 1 <= --batch ({opts.batch}) <= --max-batch ({opts.limit})")
+    if opts.build_engines and opts.backend != "tensorrt":
+        raise ValueError("--build-engines only applies to --backend tensorrt")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        repo_mod.clear(out)
+    leftovers = repo_mod.our_models(out)
+    if leftovers:
+        raise FileExistsError(f"{out} already holds {[p.name for p in leftovers]}; pass --overwrite "
+                              "to replace them (nothing else in the folder is touched)")
+    return out
+
+
+def _default_gpus(opts: ExportOptions) -> list[int] | None:
+    if opts.backend != "tensorrt":
+        return None  # CPU instances unless --gpus says otherwise
+    extra = opts.stride == 2 and not opts.batched_stride
+    return list(range(opts.components + int(extra)))
+
+
+def _export_all(opts, out: Path, networks: list[Network], part, unet_config: dict) -> list[Artifact]:
+    from tqdm import tqdm
+
+    artifacts = []
+    bar = tqdm(networks, desc="export", unit="model", disable=not opts.progress, file=sys.stderr)
+    for net in bar:
+        bar.set_postfix_str(net.name)
+        version = out / net.name / "1"
+        if opts.backend == "torch" and net.name.startswith("unet_part_"):
+            spec = part.components[int(net.name.rsplit("_", 1)[1])]
+            artifacts.append(save_torch_component(net, unet_config, spec, version, opts.batch,
+                                                  opts.fp16, opts.validate))
+        else:
+            artifacts.append(export_network(net, version / ONNX_FILE, _batch_of(opts, net.name),
+                                            opts.fp16, opts.validate))
+    return artifacts
+
+
+def _batch_of(opts: ExportOptions, name: str) -> int:
+    # The VAE decodes one latent per prompt: half the CFG batch.
+    return max(1, opts.batch // 2) if name == repo_mod.VAE_DECODER else opts.batch
+
+
+def _write_configs(opts, out: Path, artifacts: list[Artifact], placements) -> None:
+    first = placements[0]
+    for art in artifacts:
+        place = placements[int(art.name.rsplit("_", 1)[1])] if art.name.startswith("unet_part_") \
+            else repo_mod.Placement(first.gpus[:1])  # text encoder / VAE: beside component 0
+        config = repo_mod.network_config(art.name, art.inputs, art.outputs, opts.backend,
+                                         art.runtime, art.path.name, opts.limit, place)
+        repo_mod.write(out, config)
+
+
+def _served_partition(part, artifacts: list[Artifact]):
+    """The partition with the dtypes actually served (fp16 export changes them)."""
+    served = copy.deepcopy(part)
+    dtypes = {(a.name, s.name): str(s.dtype) for a in artifacts for s in [*a.inputs, *a.outputs]}
+    for comp in served.components:
+        for spec in [*comp.inputs, *comp.outputs]:
+            spec.dtype = dtypes.get((comp.name, spec.name), spec.dtype)
+    return served
+
+
+def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
+                    artifacts: list[Artifact]) -> None:
+    vae = next(a for a in artifacts if a.name == repo_mod.VAE_DECODER)
+    _, height, width = vae.outputs[0].shape
+    latent_shape = [source.unet.config.in_channels, h, w]
+    unet_dtype = str(artifacts[0].inputs[0].dtype)
+    config = repo_mod.pipeline_config(
+        part, latent_shape=latent_shape, image_shape=(height, width), dtype=unet_dtype,
+        vae_scaling_factor=source.vae.config.scaling_factor, defaults=opts.defaults)
+    repo_mod.write(out, config, repo_mod.pipeline_files(part, source.scheduler_config,
+                                                         source.tokenizer_dir))
+
+
+def _profile(opts, art: Artifact) -> trt_mod.Profile:
+    opt = _batch_of(opts, art.name)
+    return trt_mod.Profile({s.name: s.shape for s in art.inputs}, 1, opt, opts.limit)
+
+
+def _engines(opts, out: Path, artifacts: list[Artifact], notes: list[str]):
+    """Build engines where TensorRT is importable, else write the trtexec commands."""
+    if opts.backend != "tensorrt":
+        return [], []
+    rel = [(Path(a.name) / "1" / ONNX_FILE, Path(a.name) / "1" / PLAN_FILE) for a in artifacts]
+    commands = [trt_mod.trtexec_command(str(o), str(p), _profile(opts, a))
+                for a, (o, p) in zip(artifacts, rel)]
+    script = out / BUILD_SCRIPT
+    script.write_text("#!/usr/bin/env bash\n# Build the TensorRT engines of this repository "
+                      "(GPU host with TensorRT 10).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n"
+                      + "\n".join(commands) + "\n")
+    script.chmod(0o755)
+    if not trt_mod.available():
+        notes.append("TensorRT is not importable here: the ONNX files and tensorrt_plan configs are "
+                     f"written, but no model.plan. Build the engines on a GPU host: bash {script}")
+        return [], commands
+    from tqdm import tqdm
+
+    engines = []
+    for art, (onnx_rel, plan_rel) in tqdm(list(zip(artifacts, rel)), desc="tensorrt",
+                                          disable=not opts.progress, file=sys.stderr):
+        engines.append(trt_mod.Engine(out / plan_rel).build(out / onnx_rel, _profile(opts, art)))
+    return engines, commands
+
+
+# -- reporting ----------------------------------------------------------------
+
+def summary(result: ExportResult) -> str:
+    part, opts = result.partition, result.options
+    bpe = 2 if opts.fp16 else 4
+    lines = [f"AsyncDiff export: model={opts.model} N={part.num_components} S={part.stride}"
+             f"{' batched-stride' if part.batched_stride else ''} layout={part.layout} "
+             f"backend={opts.backend} batch={opts.batch} (max {opts.limit}) "
+             f"latent={part.latent_height}x{part.latent_width} {'fp16' if opts.fp16 else 'fp32'}",
+             "", f"{'model':14s} {'stages':22s} {'cost':>6s} {'in/step':>10s} {'out/step':>10s} "
+             f"{'max|err|':>9s} {'time':>6s}"]
+    by_name = {a.name: a for a in result.artifacts}
+    for comp in part.components:
+        art = by_name[comp.name]
+        cin = sum(t.numel for t in comp.inputs if t.role in ("hidden", "skip")) * bpe
+        cout = sum(t.numel for t in comp.outputs if t.role in ("hidden", "skip")) * bpe
+        lines.append(f"{comp.name:14s} {comp.stages[0] + '..' + comp.stages[-1]:22s} "
+                     f"{100 * part.cost_share(comp.index):5.1f}% {_size(cin):>10s} {_size(cout):>10s} "
+                     f"{_err(art)} {art.seconds:5.1f}s")
+    for art in result.artifacts:
+        if not art.name.startswith("unet_part_"):
+            lines.append(f"{art.name:14s} {'':22s} {'':6s} {'':10s} {'':10s} "
+                         f"{_err(art)} {art.seconds:5.1f}s")
+    lines.append(f"\ninterface traffic per step (cross-component hidden/skip tensors): "
+                 f"{_size(part.cross_bytes(bpe))}")
+    lines.append(f"\nfiles in {opts.out}:")
+    for path in sorted(p for p in Path(opts.out).rglob("*") if p.is_file()):
+        lines.append(f"  {_size(path.stat().st_size):>10s}  {path.relative_to(opts.out)}")
+    lines += [f"\nnote: {n}" for n in result.notes]
+    if result.build_commands and not result.engines:
+        lines.append("\nEngines must be built on a GPU host with TensorRT 10 (trtexec), from the "
+                     f"repository folder ({BUILD_SCRIPT} holds the same lines):")
+        lines += [f"  {c}" for c in result.build_commands]
+    lines.append(f"\ndone in {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _err(art: Artifact) -> str:
+    return f"{art.max_abs_err:9.2e}" if art.checks else f"{'skipped':>9s}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+# -- argument parsing ---------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> ExportOptions:
+    from asyncdiff.configs import builtin_names
+    from asyncdiff.pipeline import SCHEDULERS
+
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny",
+                   help=f"diffusers pipeline folder, UNet folder or one of {builtin_names()}")
+    p.add_argument("--components", type=int, required=True, help="N: UNet components")
+    p.add_argument("--stride", type=int, default=1, choices=(1, 2), help="S: AsyncDiff stride")
+    p.add_argument("--batched-stride", action="store_true",
+                   help="S=2 on N GPUs: the last component runs both timesteps as one batch")
+    p.add_argument("--backend", default="onnxruntime", choices=repo_mod.BACKENDS)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one prompt with CFG)")
+    p.add_argument("--max-batch", type=int, help="dynamic batching / engine max (default 4*batch)")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and interface tensors")
+    p.add_argument("--gpus", help="comma-separated GPU ids, component k on the k-th "
+                   "(+1 for the last component's second instance with plain S=2)")
+    p.add_argument("--build-engines", action="store_true",
+                   help="tensorrt: fail (exit 4) when the engines cannot be built here")
+    p.add_argument("--out", type=Path, default=Path("model_repository"))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace models a previous export left in --out")
+    p.add_argument("--cost", default="flops", choices=("flops", "time"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the onnxruntime-vs-torch parity checks (quick iteration only)")
+    d = repo_mod.PipelineDefaults()
+    p.add_argument("--steps", type=int, default=d.steps, help="pipeline default STEPS")
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="pipeline default WARMUP")
+    p.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULERS)
+    a = p.parse_args(argv)
+    gpus = [int(g) for g in a.gpus.split(",") if g.strip()] if a.gpus else None
+    return ExportOptions(
+        model=a.model, components=a.components, stride=a.stride, backend=a.backend, out=a.out,
+        height=a.height, width=a.width, batch=a.batch, max_batch=a.max_batch, fp16=a.fp16,
+        gpus=gpus, batched_stride=a.batched_stride, cost=a.cost,
+        build_engines=a.build_engines, overwrite=a.overwrite, progress=not a.no_progress,
+        validate=not a.no_validate,
+        defaults=repo_mod.PipelineDefaults(a.steps, a.guidance_scale, a.warmup, a.scheduler),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_grad_enabled(False)
+    try:
+        opts = parse_args(argv)
+        result = run_export(opts)
+    except ParityError as e:
+        print(f"error: parity check failed: {e}", file=sys.stderr)
+        return EXIT_PARITY
+    except (ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    if opts.build_engines and not result.engines:
+        print("error: --build-engines given but TensorRT is not importable here", file=sys.stderr)
+        return EXIT_NO_TENSORRT
+    return 0

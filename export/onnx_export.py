@@ -1,0 +1,319 @@
+"""ONNX export of the networks a deployment needs, each checked against torch.
+
+A ``Network`` is anything with a fixed named interface: one UNet component
+(``asyncdiff.components.Component``), the text encoder (``input_ids`` ->
+``last_hidden_state``) or the VAE decoder (``latents`` -> ``image``).
+``export_network`` writes one self-contained ``.onnx`` file (opset 17,
+TorchScript exporter, dim 0 dynamic), runs ``onnx.checker`` on it and
+compares onnxruntime (CPU) with the fp32 torch module at the export batch
+and at a different batch, raising ``ParityError`` above the tolerance.
+
+Tolerances: fp32 graphs must match to ``FP32_TOL`` (absolute). fp16 graphs
+are compared with the fp32 module, i.e. the check measures what the fp16
+deployment loses, so they get ``FP16_REL_TOL`` times the reference's
+largest magnitude (at least 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+OPSET = 17
+# Tensor names of the text encoder and VAE decoder graphs (the pipeline config repeats them).
+TEXT_INPUT, TEXT_OUTPUT = "input_ids", "last_hidden_state"
+VAE_INPUT, VAE_OUTPUT = "latents", "image"
+FP32_TOL = 1e-4
+FP16_REL_TOL = 1e-2
+
+
+class ParityError(RuntimeError):
+    """onnxruntime's result differs from torch's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """A tensor of a network interface; ``shape`` excludes the batch dim."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Network:
+    """A torch module with a named interface and a source of example inputs."""
+
+    name: str  # the Triton model name
+    module: nn.Module  # fp32 reference
+    input_names: list[str]
+    output_names: list[str]
+    make_inputs: Callable[[int], tuple[torch.Tensor, ...]]  # fp32 inputs at a batch size
+    keep_fp32: frozenset[str] = frozenset()  # float inputs never cast to fp16 (timestep)
+    fp16_ok: bool = True  # False: export fp32 even under --fp16 (e.g. VAEs that overflow)
+
+    def inputs(self, batch: int, fp16: bool) -> tuple[torch.Tensor, ...]:
+        return self.cast(self.make_inputs(batch), fp16)
+
+    def cast(self, tensors: tuple[torch.Tensor, ...], fp16: bool) -> tuple[torch.Tensor, ...]:
+        if not fp16:
+            return tensors
+        return tuple(
+            t.half() if t.is_floating_point() and n not in self.keep_fp32 else t
+            for n, t in zip(self.input_names, tensors)
+        )
+
+
+@dataclass
+class Check:
+    batch: int
+    max_abs_err: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_err <= self.tolerance  # False for NaN too
+
+
+@dataclass
+class Artifact:
+    name: str
+    path: Path  # the file the runtime loads
+    runtime: str  # onnxruntime | torch
+    fp16: bool
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    seconds: float  # export + checker + validation
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((c.max_abs_err for c in self.checks), default=float("nan"))
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def export_network(net: Network, path: Path, batch: int, fp16: bool = False,
+                   validate: bool = True) -> Artifact:
+    """Export ``net`` to ``path`` and (by default) validate it; raises ``ParityError``."""
+    start = time.perf_counter()
+    fp16 = fp16 and net.fp16_ok
+    module = _half_copy(net.module) if fp16 else net.module
+    example = net.inputs(batch, fp16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        outputs = module(*example)
+        _torch_export(module, example, path, net.input_names, net.output_names)
+    check_graph(path)
+    artifact = Artifact(
+        net.name, path, "onnxruntime", fp16, _io_specs(net.input_names, example),
+        _io_specs(net.output_names, _as_tuple(outputs)), 0.0,
+    )
+    if validate:
+        artifact.checks = [validate_onnx(net, path, b, fp16) for b in (batch, batch + 1)]
+    artifact.seconds = time.perf_counter() - start
+    raise_on_failure(artifact)
+    return artifact
+
+
+def raise_on_failure(artifact: "Artifact") -> None:
+    failed = [c for c in artifact.checks if not c.ok]
+    if failed:
+        raise ParityError(
+            f"{artifact.name}: {artifact.runtime} differs from torch by {failed[0].max_abs_err:.3g} "
+            f"at batch {failed[0].batch} (tolerance {failed[0].tolerance:.3g}); {artifact.path}"
+        )
+
+
+def save_torch_component(net: Network, unet_config: dict, spec, version_dir: Path, batch: int,
+                         fp16: bool = False, validate: bool = True) -> Artifact:
+    """The torch runtime's artifact: ``save_component`` output, reloaded and checked."""
+    from asyncdiff.components import WEIGHTS_FILE, load_component, save_component
+
+    start = time.perf_counter()
+    module = _half_copy(net.module) if fp16 else net.module
+    save_component(module, unet_config, spec, version_dir)
+    example = net.inputs(batch, fp16)
+    with torch.no_grad():
+        outputs = _as_tuple(module(*example))
+    artifact = Artifact(net.name, Path(version_dir) / WEIGHTS_FILE, "torch", fp16,
+                        _io_specs(net.input_names, example), _io_specs(net.output_names, outputs), 0.0)
+    if validate:
+        loaded = load_component(version_dir)
+
+        def run(feeds):
+            with torch.no_grad():
+                return [t.numpy() for t in loaded(*(torch.from_numpy(feeds[n]) for n in net.input_names))]
+
+        artifact.checks = [compare(net, b, fp16, run) for b in (batch, batch + 1)]
+    artifact.seconds = time.perf_counter() - start
+    raise_on_failure(artifact)
+    return artifact
+
+
+def check_graph(path: Path) -> None:
+    import onnx
+
+    # Path form: the checker then also handles models over the 2 GB protobuf limit.
+    onnx.checker.check_model(str(path))
+
+
+def validate_onnx(net: Network, path: Path, batch: int, fp16: bool) -> Check:
+    """Max abs difference between onnxruntime on ``path`` and the fp32 torch module."""
+    sess = session(str(path))
+    return compare(net, batch, fp16, lambda feeds: sess.run(net.output_names, feeds))
+
+
+def compare(net: Network, batch: int, fp16: bool, run: Callable[[dict], list]) -> Check:
+    """Run ``run`` (numpy feeds by name -> outputs in order) against the fp32 torch module."""
+    inputs = net.make_inputs(batch)  # drawn once: the same values feed both sides
+    feeds = {n: t.numpy() for n, t in zip(net.input_names, net.cast(inputs, fp16))}
+    with torch.no_grad():
+        reference = _as_tuple(net.module(*inputs))
+    err, scale = 0.0, 1.0
+    for ref, out in zip(reference, run(feeds), strict=True):
+        ref = ref.float().numpy()
+        err = max(err, float(np.abs(np.asarray(out, dtype=np.float32) - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+    return Check(batch, err, FP16_REL_TOL * scale if fp16 else FP32_TOL)
+
+
+@lru_cache(maxsize=4)
+def session(path: str):
+    """A single-threaded CPU onnxruntime session (cached: validation runs it twice)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _torch_export(module, example, path, input_names, output_names) -> None:
+    axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation + tracer warnings
+        torch.onnx.export(
+            module, tuple(example), str(path), opset_version=OPSET, dynamo=False,
+            input_names=list(input_names), output_names=list(output_names), dynamic_axes=axes,
+        )
+    session.cache_clear()  # a file at the same path may have been cached before
+
+
+def _half_copy(module: nn.Module) -> nn.Module:
+    # Components share their modules with the UNet: cast a copy, never the original.
+    return copy.deepcopy(module).half().eval()
+
+
+def _io_specs(names, tensors) -> list[IOSpec]:
+    return [IOSpec(n, np.dtype(str(t.dtype).removeprefix("torch.")), tuple(t.shape[1:]))
+            for n, t in zip(names, tensors)]
+
+
+def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+# -- the networks of a Stable Diffusion deployment ---------------------------
+
+class InterfaceSampler:
+    """Realistic tensors for every name of a partition interface, at any batch size.
+
+    One pass of the whole stage graph on seeded inputs gives each stage's
+    output, so a component is validated on activations of the right scale
+    rather than on noise.
+    """
+
+    def __init__(self, graph, latent_height: int, latent_width: int, seed: int = 0):
+        self.graph, self.height, self.width, self.seed = graph, latent_height, latent_width, seed
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def values(self, batch: int) -> dict[str, torch.Tensor]:
+        if batch not in self._cache:
+            self._cache[batch] = self._run(batch)
+        return self._cache[batch]
+
+    def inputs(self, names: list[str], batch: int) -> tuple[torch.Tensor, ...]:
+        env = self.values(batch)
+        return tuple(env[n] for n in names)
+
+    @torch.no_grad()
+    def _run(self, batch: int) -> dict[str, torch.Tensor]:
+        from asyncdiff.configs import example_inputs
+
+        sample, timestep, text, extra = example_inputs(
+            self.graph.config, batch, self.height, self.width, seed=self.seed)
+        env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text, **extra}
+        temb = self.graph.time_embedding(timestep, sample.dtype, extra.get("text_embeds"),
+                                         extra.get("time_ids"))
+        h = sample
+        for stage in self.graph.stages:
+            h = env[stage.name] = stage(h, env[stage.skip] if stage.skip else None, temb, text)
+        return env
+
+
+def component_network(component, sampler: InterfaceSampler) -> Network:
+    names = list(component.input_names)
+    return Network(
+        f"unet_part_{component.index}", component, names, list(component.output_names),
+        lambda batch: sampler.inputs(names, batch),
+        # The timestep feeds a sinusoidal embedding computed in fp32 anyway.
+        keep_fp32=frozenset({"timestep"}),
+    )
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids).last_hidden_state
+
+
+class _VaeDecoder(nn.Module):
+    """``vae.decode(z).sample`` only: the 1/scaling_factor step stays in the pipeline (BLS),
+    so this graph is the plain decoder and the factor is a visible config parameter."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).sample
+
+
+def text_encoder_network(encoder: nn.Module, seed: int = 0) -> Network:
+    vocab = int(encoder.config.vocab_size)
+    seq_len = int(encoder.config.max_position_embeddings)  # 77 for CLIP: the tokenizer pads to it
+
+    def make(batch: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed + batch)
+        return (torch.randint(0, vocab, (batch, seq_len), generator=g, dtype=torch.int64),)
+
+    return Network("text_encoder", _TextEncoder(encoder).eval(), [TEXT_INPUT], [TEXT_OUTPUT], make)
+
+
+def vae_decoder_network(vae: nn.Module, latent_height: int, latent_width: int,
+                        seed: int = 0) -> Network:
+    channels = int(vae.config.latent_channels)
+
+    def make(batch: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed + batch)
+        return (torch.randn(batch, channels, latent_height, latent_width, generator=g),)
+
+    # force_upcast marks VAEs known to overflow in fp16 (SD-XL's): keep those fp32.
+    fp16_ok = not bool(getattr(vae.config, "force_upcast", False))
+    return Network("vae_decoder", _VaeDecoder(vae).eval(), [VAE_INPUT], [VAE_OUTPUT], make,
+                   fp16_ok=fp16_ok)

@@ -1,0 +1,182 @@
+"""The ``asyncdiff`` BLS pipeline on a real tritonserver, against the in-process reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from asyncdiff.pipeline import AsyncDiffPipeline, Request
+
+STEPS = 8
+PROMPT = "a handwritten digit 7"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_server):
+    return tiny_server
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return AsyncDiffPipeline.from_pretrained("tiny", components=2)
+
+
+def grpc_inputs(prompt=PROMPT, **scalars):
+    return _inputs(grpcclient, prompt, scalars)
+
+
+def _inputs(mod, prompt, scalars):
+    types = {"SEED": np.int64, "STEPS": np.int32, "WARMUP": np.int32, "GUIDANCE_SCALE": np.float32}
+    values = {"PROMPT": prompt, **scalars}
+    inputs = []
+    for name, value in values.items():
+        if isinstance(value, (str, bytes)):
+            arr = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+            dtype = "BYTES"
+        else:
+            arr = np.array([value], dtype=types[name])
+            dtype = {np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}[types[name]]
+        inp = mod.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+def generate(server, **kw):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        result = client.infer("asyncdiff", grpc_inputs(**kw))
+    return result.as_numpy("IMAGE"), result.as_numpy("LATENTS")
+
+
+def local(reference, seed, **kw):
+    req = Request(kw.pop("prompt", PROMPT), seed=seed, steps=STEPS, **kw)
+    latents = reference.generate_latents(req)
+    return reference.decode(latents), latents[0].numpy()
+
+
+def test_grpc_matches_the_local_runner(server, reference):
+    image, latents = generate(server, SEED=3, STEPS=STEPS)
+    ref_image, ref_latents = local(reference, 3)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert np.abs(latents - ref_latents).max() <= 1e-4
+    assert np.abs(image.astype(int) - ref_image.astype(int)).max() <= 1
+
+
+def test_http_returns_the_same_image(server):
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        result = client.infer("asyncdiff", _inputs(httpclient, PROMPT, {"SEED": 3, "STEPS": STEPS}))
+    assert np.array_equal(result.as_numpy("IMAGE"), generate(server, SEED=3, STEPS=STEPS)[0])
+
+
+def test_options_reach_the_pipeline(server, reference):
+    kw = dict(negative_prompt="8", guidance_scale=2.0, warmup=3, scheduler="euler")
+    _, latents = generate(server, SEED=5, STEPS=STEPS, NEGATIVE_PROMPT="8", GUIDANCE_SCALE=2.0,
+                          WARMUP=3, SCHEDULER="euler")
+    assert np.abs(latents - local(reference, 5, **kw)[1]).max() <= 1e-4
+
+
+def test_concurrent_requests_keep_their_own_state(server):
+    seeds = [11, 12, 13]
+    sequential = [generate(server, SEED=s, STEPS=STEPS)[1] for s in seeds]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        concurrent = list(pool.map(lambda s: generate(server, SEED=s, STEPS=STEPS)[1], seeds))
+    for a, b in zip(sequential, concurrent):
+        assert np.abs(a - b).max() <= 1e-5
+    assert np.abs(concurrent[0] - concurrent[1]).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(prompt=""), "PROMPT must be a non-empty"),
+        (dict(prompt=b"\xff\xfe"), "PROMPT must be valid UTF-8"),
+        (dict(prompt="seven " * 80), "PROMPT is .* tokens"),
+        (dict(STEPS=0), r"STEPS must be in \[1, 1000\]"),
+        (dict(STEPS=1001), r"STEPS must be in \[1, 1000\]"),
+        (dict(STEPS=5, WARMUP=5), r"WARMUP must be in \[1, 4\]"),
+        (dict(WARMUP=0), "WARMUP must be in"),
+        (dict(SCHEDULER="pndm"), "SCHEDULER must be one of"),
+        (dict(GUIDANCE_SCALE=float("nan")), "GUIDANCE_SCALE must be a finite"),
+        (dict(GUIDANCE_SCALE=float("inf")), "GUIDANCE_SCALE must be a finite"),
+        (dict(GUIDANCE_SCALE=-1.0), "GUIDANCE_SCALE must be a finite number >= 0"),
+        (dict(SEED=-1), "SEED must be in"),
+    ],
+)
+def test_bad_input_is_rejected_and_the_server_stays_ready(server, kw, message):
+    with pytest.raises(InferenceServerException, match=message) as err:
+        generate(server, **kw)
+    assert "INVALID_ARG" in str(err.value.status()) or err.value.status() is None
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready() and client.is_model_ready("asyncdiff")
+
+
+def test_wrong_dtype_and_shape_are_rejected(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        steps = grpcclient.InferInput("STEPS", [1], "FP32")
+        steps.set_data_from_numpy(np.array([5.0], dtype=np.float32))
+        with pytest.raises(InferenceServerException, match="STEPS"):
+            client.infer("asyncdiff", grpc_inputs()[:1] + [steps])
+        seed = grpcclient.InferInput("SEED", [2], "INT64")
+        seed.set_data_from_numpy(np.array([1, 2], dtype=np.int64))
+        with pytest.raises(InferenceServerException, match="SEED"):
+            client.infer("asyncdiff", grpc_inputs()[:1] + [seed])
+        assert client.is_server_ready()
+
+
+def test_missing_component_is_named_then_recovers(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        client.unload_model("unet_part_1")
+        try:
+            with pytest.raises(InferenceServerException, match="unet_part_1"):
+                generate(server, SEED=1, STEPS=STEPS)
+        finally:
+            client.load_model("unet_part_1")
+    image, _ = generate(server, SEED=1, STEPS=STEPS)
+    assert image.shape == (16, 16, 3)
+
+
+def test_killed_component_is_named_then_recovers(server):
+    """A crashed component stub fails the request naming it; reloading the model recovers."""
+    os.kill(_stub_pid("unet_part_0"), signal.SIGKILL)
+    with pytest.raises(InferenceServerException, match="unet_part_0"):
+        generate(server, SEED=2, STEPS=STEPS)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready()
+        # The python backend does not respawn a dead stub; an unload + load does.
+        client.unload_model("unet_part_0")
+        client.load_model("unet_part_0")
+    image, _ = generate(server, SEED=2, STEPS=STEPS)
+    assert image.shape == (16, 16, 3)
+
+
+def test_component_timeout_is_an_error_not_a_hang(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        original = client.get_model_config("asyncdiff", as_json=True)["config"]
+        config = json.loads(json.dumps(original))
+        config["parameters"]["component_timeout_s"] = {"string_value": "0.001"}
+        client.load_model("asyncdiff", config=json.dumps(config))
+        try:
+            t0 = time.time()
+            with pytest.raises(InferenceServerException, match="did not answer within"):
+                generate(server, SEED=1, STEPS=STEPS)
+            assert time.time() - t0 < 30
+        finally:
+            client.load_model("asyncdiff", config=json.dumps(original))
+    assert generate(server, SEED=1, STEPS=STEPS)[0].shape == (16, 16, 3)
+
+
+def _stub_pid(model: str) -> int:
+    out = subprocess.run(["pgrep", "-f", f"{model}/1/model.py"], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids, f"no stub process for {model}"
+    return pids[0]

@@ -1,0 +1,231 @@
+"""client/: request building, CLI parsing, the perf recipe's parsers and data. No server."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.__main__ import Spinner, params_from_args, parse_args, save_png
+from client.infer import (INPUTS, GenerationParams, auto_upscale_factor, build_request,
+                          default_url, input_arrays, upscale)
+from client.perf import run_perf
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = REPO / "client" / "perf" / "prompts.json"
+FULL = GenerationParams("a handwritten digit 7 ✓", negative_prompt="blurry", seed=3, steps=25,
+                        guidance_scale=3.0, warmup=1, scheduler="euler")
+
+
+def _described(protocol: str, params: GenerationParams) -> dict[str, tuple[str, list[int]]]:
+    inputs, _ = build_request(params, protocol)
+    return {t.name(): (t.datatype(), t.shape()) for t in inputs}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_all_inputs_named_typed_and_shaped(protocol):
+    described = _described(protocol, FULL)
+    assert described == {
+        "PROMPT": ("BYTES", [1]), "NEGATIVE_PROMPT": ("BYTES", [1]), "SEED": ("INT64", [1]),
+        "STEPS": ("INT32", [1]), "GUIDANCE_SCALE": ("FP32", [1]), "WARMUP": ("INT32", [1]),
+        "SCHEDULER": ("BYTES", [1])}
+    _, outputs = build_request(FULL, protocol)
+    assert [o.name() for o in outputs] == ["IMAGE", "LATENTS"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_only_given_optionals_are_sent(protocol):
+    assert set(_described(protocol, GenerationParams("x"))) == {"PROMPT"}
+    assert set(_described(protocol, GenerationParams("x", seed=0, guidance_scale=0.0))) == {
+        "PROMPT", "SEED", "GUIDANCE_SCALE"}  # zero is a value, not "unset"
+
+
+def test_arrays_dtypes_and_utf8():
+    arrays = input_arrays(FULL)
+    assert arrays["PROMPT"].dtype == np.object_
+    assert arrays["PROMPT"][0] == "a handwritten digit 7 ✓".encode()
+    assert arrays["SEED"].dtype == np.int64 and arrays["SEED"].tolist() == [3]
+    assert arrays["STEPS"].dtype == np.int32 and arrays["WARMUP"].dtype == np.int32
+    assert arrays["GUIDANCE_SCALE"].dtype == np.float32
+    assert all(a.shape == (1,) for a in arrays.values())
+    assert set(INPUTS) == set(GenerationParams.__dataclass_fields__)
+
+
+def test_grpc_request_carries_bytes_payload():
+    inputs, _ = build_request(GenerationParams("héllo", seed=2**40), "grpc")
+    raw = {t.name(): t._get_content() for t in inputs}
+    assert raw["PROMPT"] == len("héllo".encode()).to_bytes(4, "little") + "héllo".encode()
+    assert np.frombuffer(raw["SEED"], np.int64).tolist() == [2**40]
+
+
+def test_default_url_per_protocol(monkeypatch):
+    assert default_url("grpc", {}) == "127.0.0.1:8001"
+    assert default_url("http", {}) == "127.0.0.1:8000"
+    assert default_url("grpc", {"GRPC_PORT": "9001"}) == "127.0.0.1:9001"
+    monkeypatch.setenv("HTTP_PORT", "9000")
+    assert parse_args(["p", "--protocol", "http"]).url == "127.0.0.1:9000"
+
+
+def test_cli_defaults_leave_optionals_unset(monkeypatch):
+    monkeypatch.delenv("GRPC_PORT", raising=False)
+    args = parse_args(["a handwritten digit 7"])
+    assert (args.protocol, args.url, args.out, args.timeout, args.upscale) == (
+        "grpc", "127.0.0.1:8001", Path("image.png"), 300.0, 0)
+    assert params_from_args(args) == GenerationParams("a handwritten digit 7")
+
+
+def test_cli_maps_every_option():
+    args = parse_args(["p", "--negative-prompt", "n", "--seed", "5", "--steps", "10",
+                       "--guidance", "2.5", "--warmup", "2", "--scheduler", "dpmsolver++",
+                       "--url", "h:1", "--out", "o.png", "--upscale", "4"])
+    assert params_from_args(args) == GenerationParams("p", "n", 5, 10, 2.5, 2, "dpmsolver++")
+    assert (args.url, args.out, args.upscale) == ("h:1", Path("o.png"), 4)
+
+
+@pytest.mark.parametrize("bad", [["p", "--upscale", "-1"], ["p", "--timeout", "0"],
+                                 ["p", "--protocol", "ftp"], ["p", "--seed", "x"]])
+def test_cli_rejects_bad_options(bad):
+    with pytest.raises(SystemExit):
+        parse_args(bad)
+
+
+def test_upscale_and_png(tmp_path):
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    assert auto_upscale_factor(image) == 16
+    assert auto_upscale_factor(np.zeros((512, 512, 3), np.uint8)) == 1
+    big = upscale(image, 3)
+    assert big.shape == (48, 48, 3) and (big[::3, ::3] == image).all()
+    save_png(image, tmp_path / "sub" / "x.png", 0)
+    from PIL import Image
+
+    with Image.open(tmp_path / "sub" / "x.png") as png:
+        assert png.size == (256, 256)
+        assert (np.asarray(png)[::16, ::16] == image).all()
+
+
+def test_spinner_writes_one_line_when_not_a_tty():
+    stream = io.StringIO()
+    with Spinner("waiting", stream=stream):
+        pass
+    assert stream.getvalue() == "waiting ...\n"
+
+
+SAMPLE_CSV = (
+    "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,"
+    "Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,"
+    "p50 latency,p90 latency,p95 latency,p99 latency,Avg latency,request/response,response wait\n"
+    "1,87.8697,10,2736,128,47,8112,297,5,9687,16085,18117,28463,11338,15,11278\n"
+    "2,112.74,10,4317,4896,27,8041,398,4,16493,26599,31859,52861,17697,14,17599\n")
+
+SAMPLE_STDOUT = """\
+Request concurrency: 1
+  Client: 
+    Throughput: 87.8697 infer/sec
+  Server: 
+    Avg request latency: 8589 usec (overhead 8245 usec + queue 21 usec + compute 323 usec)
+
+  Composing models: 
+  unet_part_0, version: 1
+      Inference count: 3172
+      Execution count: 3172
+      Successful request count: 3172
+      Avg request latency: 347 usec (overhead 3 usec + queue 21 usec + compute input 17 usec + compute infer 224 usec + compute output 81 usec)
+  unet_part_1, version: 
+      Inference count: 3170
+      Execution count: 1585
+      Successful request count: 3170
+      Avg request latency: 1200 usec (overhead 3 usec + queue 400 usec + compute input 17 usec + compute infer 700 usec + compute output 80 usec)
+
+Request concurrency: 2
+  Client: 
+    Throughput: 112.74 infer/sec
+
+Inferences/Second vs. Client Average Batch Latency
+Concurrency: 1, throughput: 87.8697 infer/sec, latency 11338 usec
+"""
+
+
+def test_parse_csv():
+    levels = run_perf.parse_csv(SAMPLE_CSV)
+    assert [lv.concurrency for lv in levels] == [1, 2]
+    first = levels[0]
+    assert first.throughput == pytest.approx(87.8697)
+    assert (first.p50_ms, first.p99_ms, first.avg_ms) == pytest.approx((9.687, 28.463, 11.338))
+    plain = SAMPLE_CSV.replace(",Avg latency,request/response,response wait", "")
+    plain = "\n".join(",".join(line.split(",")[:13]) for line in plain.splitlines())
+    assert run_perf.parse_csv(plain)[1].avg_ms is None  # without --verbose-csv
+
+
+def test_parse_composing_models():
+    parsed = run_perf.parse_composing(SAMPLE_STDOUT)
+    assert 2 not in parsed  # no composing section at that level
+    part0, part1 = parsed[1]
+    assert (part0.model, part0.inference_count, part0.avg_latency_ms) == ("unet_part_0", 3172, 0.347)
+    assert (part1.model, part1.queue_ms, part1.compute_infer_ms) == ("unet_part_1", 0.4, 0.7)
+    table = run_perf.format_table([run_perf.parse_csv(SAMPLE_CSV)[0]])
+    assert "87.870" in table and "9.7" in table and "28.5" in table
+
+
+def test_perf_command_is_fixed_length(tmp_path):
+    args = run_perf.parse_args(["--url", "h:1", "--bls-composing-models", "unet_part_0,unet_part_1",
+                                "--", "--request-rate-range", "1"])
+    assert args.concurrency_levels == [1, 2, 4]
+    cmd = run_perf.perf_command(Path("pa"), args, 2, tmp_path / "x.csv")
+    joined = " ".join(cmd)
+    for part in ("-m asyncdiff", "-u h:1", "-i grpc", "--concurrency-range 2",
+                 "--measurement-mode time_windows", "--max-trials 3", "--stability-percentage 999",
+                 "--bls-composing-models unet_part_0,unet_part_1", f"--input-data {PROMPTS}"):
+        assert part in joined
+    assert cmd[-2:] == ["--request-rate-range", "1"]
+    with pytest.raises(SystemExit):
+        run_perf.parse_args(["--concurrency", "1,x"])
+
+
+def test_library_dir_links_what_perf_analyzer_needs(tmp_path):
+    lib = run_perf.library_dir(tmp_path)
+    for soname in ("libcudart.so.12", "libb64.so.0d"):
+        link = lib / soname
+        if link.is_symlink():
+            assert link.resolve().is_file()
+    run_perf.library_dir(tmp_path)  # idempotent
+
+
+def test_missing_perf_analyzer_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    def missing():
+        raise run_perf.PerfError("perf_analyzer not found")
+
+    monkeypatch.setattr(run_perf, "find_perf_analyzer", missing)
+    assert run_perf.main(["--concurrency", "1"]) == 1
+    assert "perf_analyzer not found" in capsys.readouterr().err
+
+
+def test_prompts_json_matches_perf_analyzer_schema():
+    """perf_analyzer --input-data: {"data": [step, ...]}; a step maps input names to
+    a flat list (shape from the config, here dims [1]) or {"content": [...], "shape": [...]}.
+    BYTES inputs take JSON strings."""
+    doc = json.loads(PROMPTS.read_text())
+    assert set(doc) == {"data"} and len(doc["data"]) >= 2
+    types = {name: kind for name, kind, _ in INPUTS.values()}
+    for step in doc["data"]:
+        assert "PROMPT" in step and set(step) <= set(types)
+        for name, value in step.items():
+            content = value["content"] if isinstance(value, dict) else value
+            assert isinstance(content, list) and len(content) == 1, name
+            expected = str if types[name] is np.object_ else (
+                float if types[name] is np.float32 else int)
+            assert isinstance(content[0], expected), name
+    assert len({s["PROMPT"][0] for s in doc["data"]}) == len(doc["data"])
+
+
+def test_compose_reserves_gpus_and_shm():
+    yaml = pytest.importorskip("yaml")
+    service = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["asyncdiff"]
+    assert service["shm_size"] == "8gb"
+    device = service["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert {p.split(":")[-1] for p in service["ports"]} == {"8000", "8001", "8002"}
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert "tritonserver:24.10-py3" in dockerfile

@@ -1,0 +1,266 @@
+"""Exported repositories load in a real tritonserver and serve what torch computes.
+
+The server is the one inside the nvidia-pytriton wheel (serve.launcher). The
+pipeline model's backend (``backends/asyncdiff_pipeline``) is written by the
+serving work: until it exists only its config is checked, and the servers
+load the other models explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+from google.protobuf import text_format
+
+from asyncdiff.components import build_components
+from asyncdiff.configs import load_unet, resolve
+from asyncdiff.partition import Partition
+from asyncdiff.stages import build_stage_graph
+from asyncdiff.tiny import MODEL_DIR
+from export import cli
+from export import repository as repo_mod
+from export import tensorrt as trt_mod
+from export.onnx_export import FP32_TOL, InterfaceSampler
+from export.triton_config import parse_config, to_pbtxt
+from serve.launcher import PROJECT_BACKENDS, TritonServer
+from tritonclient.grpc import model_config_pb2 as mc
+
+torch.set_num_threads(1)
+HAVE_TINY = (MODEL_DIR / "unet" / "config.json").exists()
+HAVE_PIPELINE_BACKEND = (PROJECT_BACKENDS / repo_mod.PIPELINE_BACKEND / "model.py").is_file()
+# A UNet-only source (components but no text encoder/VAE): the tiny UNet folder exports fastest.
+UNET_ONLY = str(MODEL_DIR / "unet") if HAVE_TINY else "sd15"
+needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="asyncdiff/tiny/model is not there yet")
+
+# (components, stride, extra CLI flags): the default path (with parity checks) once.
+TINY_REPOS = {"N2-S1": (2, 1, []), "N2-S2": (2, 2, ["--no-validate"])}
+
+
+def export(out, *argv) -> int:
+    return cli.main([*argv, "--out", str(out), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def tiny_repos(tmp_path_factory):
+    if not HAVE_TINY:
+        pytest.skip("asyncdiff/tiny/model is not there yet")
+    repos = {}
+    for key, (n, s, extra) in TINY_REPOS.items():
+        out = tmp_path_factory.mktemp(f"repo-{key}")
+        assert export(out, "--model", "tiny", "--components", str(n), "--stride", str(s),
+                      *extra) == 0
+        repos[key] = out
+    return repos
+
+
+def serve(repo, log_dir, models) -> TritonServer:
+    args = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+    return TritonServer(repo, extra_args=args, log_file=log_dir / "server.log")
+
+
+@needs_tiny
+@pytest.mark.parametrize("key", list(TINY_REPOS))
+def test_configs_round_trip(tiny_repos, key):
+    configs = repo_mod.read_configs(tiny_repos[key])
+    n, s, _ = TINY_REPOS[key]
+    expected = {f"unet_part_{k}" for k in range(n)} | {"text_encoder", "vae_decoder", "asyncdiff"}
+    assert set(configs) == expected
+    for name, config in configs.items():
+        text = (tiny_repos[key] / name / "config.pbtxt").read_text()
+        assert parse_config(to_pbtxt(config)) == config
+        assert text_format.MessageToString(config) == text  # written by the same printer
+        assert config.name == name
+    for k in range(n):
+        part = configs[f"unet_part_{k}"]
+        assert part.backend == "asyncdiff_component" and part.max_batch_size == 8
+        assert part.HasField("dynamic_batching")
+        assert part.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        want = 2 if (s == 2 and k == n - 1) else 1  # plain S=2: last component twice
+        assert part.instance_group[0].count == want
+        assert part.parameters["runtime"].string_value == "onnxruntime"
+
+
+@needs_tiny
+def test_pipeline_model_config_and_files(tiny_repos):
+    repo = tiny_repos["N2-S2"]
+    config = repo_mod.read_configs(repo)["asyncdiff"]
+    assert config.backend == "asyncdiff_pipeline" and config.max_batch_size == 0
+    inputs = {i.name: (mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in config.input}
+    assert inputs == {
+        "PROMPT": ("TYPE_STRING", [1], False), "NEGATIVE_PROMPT": ("TYPE_STRING", [1], True),
+        "SEED": ("TYPE_INT64", [1], True), "STEPS": ("TYPE_INT32", [1], True),
+        "GUIDANCE_SCALE": ("TYPE_FP32", [1], True), "WARMUP": ("TYPE_INT32", [1], True),
+        "SCHEDULER": ("TYPE_STRING", [1], True),
+    }
+    outputs = {o.name: (mc.DataType.Name(o.data_type), list(o.dims)) for o in config.output}
+    assert outputs == {"IMAGE": ("TYPE_UINT8", [16, 16, 3]), "LATENTS": ("TYPE_FP32", [4, 16, 16])}
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert (params["components"], params["stride"], params["batched_stride"]) == ("2", "2", "false")
+    assert params["latent_shape"] == "[4, 16, 16]" and params["default_warmup"] == "1"
+    version = repo / "asyncdiff" / "1"
+    part = Partition.load(version / params["partition_file"])
+    assert (part.num_components, part.stride) == (2, 2)
+    assert (version / "scheduler" / "scheduler_config.json").is_file()
+    assert params["latent_channels"] == "4" and params["vae_input"] == "latents"
+    assert {p.name for p in (version / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt"}
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(version / "tokenizer")  # the BLS can tokenise offline
+    assert tok("a three").input_ids[0] == tok.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_repos, tmp_path_factory):
+    """One real tritonserver per tiny repository, started on first use, with the network
+    models loaded explicitly (the pipeline model is loaded by its own test)."""
+    started: dict[str, TritonServer] = {}
+
+    def get(key: str) -> TritonServer:
+        if key not in started:
+            repo = tiny_repos[key]
+            networks = [m for m in sorted(repo_mod.read_configs(repo)) if m != repo_mod.PIPELINE_MODEL]
+            started[key] = serve(repo, tmp_path_factory.mktemp(f"log-{key}"), networks).start()
+        return started[key]
+
+    yield get
+    for server in started.values():
+        server.stop()
+
+
+@needs_tiny
+@pytest.mark.parametrize("key", list(TINY_REPOS))
+def test_repository_loads_in_real_triton(tiny_repos, servers, key):
+    client = httpclient.InferenceServerClient(servers(key).http_url)
+    networks = [m for m in sorted(repo_mod.read_configs(tiny_repos[key]))
+                if m != repo_mod.PIPELINE_MODEL]
+    assert {m: client.is_model_ready(m) for m in networks} == {m: True for m in networks}
+
+
+@needs_tiny
+def test_served_component_matches_torch(tiny_repos, servers):
+    client = httpclient.InferenceServerClient(servers("N2-S1").http_url)
+    check_served_component(client, tiny_repos["N2-S1"])
+
+
+@needs_tiny
+@pytest.mark.skipif(not HAVE_PIPELINE_BACKEND, reason="backends/asyncdiff_pipeline is not written yet")
+@pytest.mark.parametrize("key", list(TINY_REPOS))
+def test_pipeline_model_loads(servers, key):
+    client = httpclient.InferenceServerClient(servers(key).http_url)
+    client.load_model(repo_mod.PIPELINE_MODEL)
+    assert client.is_model_ready(repo_mod.PIPELINE_MODEL)
+
+
+@needs_tiny
+@pytest.mark.skipif(not HAVE_PIPELINE_BACKEND, reason="backends/asyncdiff_pipeline is not written yet")
+@pytest.mark.parametrize("key", list(TINY_REPOS))
+def test_pipeline_generates_from_exported_repository(servers, key):
+    client = httpclient.InferenceServerClient(servers(key).http_url, network_timeout=300)
+    if not client.is_model_ready(repo_mod.PIPELINE_MODEL):
+        client.load_model(repo_mod.PIPELINE_MODEL)
+    prompt = httpclient.InferInput("PROMPT", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"a three"], dtype=object))
+    steps = httpclient.InferInput("STEPS", [1], "INT32")
+    steps.set_data_from_numpy(np.array([3], dtype=np.int32))
+    result = client.infer(repo_mod.PIPELINE_MODEL, [prompt, steps])
+    assert result.as_numpy("IMAGE").shape == (16, 16, 3)
+    assert result.as_numpy("LATENTS").shape == (4, 16, 16)
+
+
+def check_served_component(client, repo) -> None:
+    """unet_part_1 through Triton (onnxruntime in the stub) == the torch component."""
+    part = Partition.load(repo / "asyncdiff" / "1" / "partition.json")
+    graph = build_stage_graph(load_unet(resolve("tiny")))
+    component = build_components(graph, part)[1]
+    sampler = InterfaceSampler(graph, part.latent_height, part.latent_width, seed=7)
+    for batch in (2, 1):
+        assert_served_equals_torch(client, "unet_part_1", component,
+                                   sampler.inputs(component.input_names, batch))
+
+
+def assert_served_equals_torch(client, model: str, component, tensors) -> None:
+    inputs = []
+    for name, t in zip(component.input_names, tensors):
+        array = t.numpy()
+        if array.ndim == 1:
+            array = array.reshape(-1, 1)  # timestep: config dims [1], reshaped to [] for the model
+        inputs.append(httpclient.InferInput(name, list(array.shape), "FP32"))
+        inputs[-1].set_data_from_numpy(np.ascontiguousarray(array))
+    result = client.infer(model, inputs)
+    with torch.no_grad():
+        expected = component(*tensors)
+    for name, ref in zip(component.output_names, expected):
+        err = float(np.abs(result.as_numpy(name) - ref.numpy()).max())
+        assert err <= FP32_TOL, (model, name, tuple(ref.shape), err)
+
+
+def test_torch_backend_repository_serves_component(tmp_path):
+    """--backend torch (save_component/load_component in the stub), UNet-only built-in model."""
+    from asyncdiff.partition import partition_unet
+
+    repo = tmp_path / "repo"
+    assert export(repo, "--model", "sd15", "--components", "2", "--backend", "torch") == 0
+    configs = repo_mod.read_configs(repo)
+    assert set(configs) == {"unet_part_0", "unet_part_1"}  # no pipeline parts without a pipeline
+    assert configs["unet_part_0"].parameters["runtime"].string_value == "torch"
+    unet = load_unet(resolve("sd15"))  # the same seeded random weights as the export
+    graph = build_stage_graph(unet)
+    part = partition_unet(unet, 2, model="sd15", batch=2)
+    saved = json.loads((repo / "unet_part_0" / "1" / "component.json").read_text())["spec"]
+    assert saved["stages"] == part.components[0].stages
+    component = build_components(graph, part)[0]
+    tensors = InterfaceSampler(graph, 16, 16, seed=3).inputs(component.input_names, 2)
+    with serve(repo, tmp_path, ["unet_part_0"]) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        assert client.is_model_ready("unet_part_0")
+        assert_served_equals_torch(client, "unet_part_0", component, tensors)
+
+
+@pytest.mark.skipif(trt_mod.available(), reason="TensorRT is importable: the build test runs instead")
+def test_tensorrt_backend_without_tensorrt_writes_configs_and_commands(tmp_path, capsys):
+    out = tmp_path / "repo"
+    argv = ["--model", UNET_ONLY, "--components", "2", "--stride", "2", "--backend", "tensorrt",
+            "--no-validate"]
+    assert export(out, *argv) == 0
+    printed = capsys.readouterr().out
+    assert "must be built on a GPU host" in printed and "trtexec" in printed
+    configs = repo_mod.read_configs(out)
+    for k, gpus in ((0, [0]), (1, [1, 2])):  # plain S=2: the last component also on GPU 2
+        config = configs[f"unet_part_{k}"]
+        assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+        group = config.instance_group[0]
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == gpus
+        assert (out / f"unet_part_{k}" / "1" / "model.onnx").is_file()
+    script = (out / "build_engines.sh").read_text().splitlines()
+    commands = [line for line in script if line.startswith("trtexec")]
+    assert len(commands) == 2
+    assert "--onnx=unet_part_0/1/model.onnx" in commands[0]
+    assert "--saveEngine=unet_part_0/1/model.plan" in commands[0]
+    assert "--fp16" in commands[0] and "--minShapes=sample:1x4x16x16,timestep:1," in commands[0]
+    assert "--maxShapes=sample:8x4x16x16" in commands[0]
+    # Asked to build engines where TensorRT is missing: everything written, exit non-zero.
+    assert export(out, *argv, "--overwrite", "--build-engines") == cli.EXIT_NO_TENSORRT
+
+
+@pytest.mark.skipif(not trt_mod.available(), reason="TensorRT is not importable (CPU-only machine); "
+                    "engines are built on a GPU host, see docs/export.md")
+def test_tensorrt_engine_build(tmp_path):  # pragma: no cover - needs a GPU host
+    out = tmp_path / "repo"
+    assert export(out, "--model", "sd15", "--components", "2", "--backend", "tensorrt",
+                  "--build-engines") == 0
+    for k in range(2):
+        assert (out / f"unet_part_{k}" / "1" / "model.plan").stat().st_size > 0
+
+
+def test_gpu_placement_rules():
+    place = repo_mod.component_placements
+    assert place(3, 1, False, [4, 5, 6]) == [repo_mod.Placement((g,)) for g in (4, 5, 6)]
+    assert place(2, 2, False, [0, 1, 2])[-1] == repo_mod.Placement((1, 2))
+    assert place(2, 2, True, [0, 1]) == [repo_mod.Placement((0,)), repo_mod.Placement((1,))]
+    assert place(2, 2, False, None)[-1] == repo_mod.Placement(count=2)
+    with pytest.raises(ValueError, match="3 needed"):
+        place(2, 2, False, [0, 1])

@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from asyncdiff.pipeline import AsyncDiffPipeline, Request, make_scheduler, token_ids
+
+
+@pytest.fixture(scope="module")
+def sd():
+    from asyncdiff.tiny import load_pipeline
+
+    return load_pipeline()
+
+
+def test_sequential_equals_diffusers(sd):
+    """One component and the diffusers pipeline give the same latents for the same noise."""
+    req = Request("a handwritten digit 3", steps=8, guidance_scale=3.0, seed=5)
+    ours = AsyncDiffPipeline(sd, components=1).generate_latents(req)
+    sd.scheduler = make_scheduler("ddim", sd.scheduler.config)
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
+    ref = sd(req.prompt, num_inference_steps=8, guidance_scale=3.0, output_type="latent",
+             latents=noise * sd.scheduler.init_noise_sigma).images
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmsolver++"])
+def test_async_is_close_to_sequential(sd, scheduler):
+    req = Request("the number seven", steps=10, seed=1, scheduler=scheduler)
+    seq = AsyncDiffPipeline(sd, components=1).generate_latents(req)
+    for n, s in [(2, 1), (2, 2)]:
+        out = AsyncDiffPipeline(sd, components=n, stride=s).generate_latents(req)
+        mse = torch.mean((out - seq) ** 2).item()
+        psnr = 10 * math.log10(seq.abs().max().item() ** 2 / mse)
+        assert 0 < mse and psnr > 20, (n, s, psnr)
+
+
+def test_same_seed_same_image(sd):
+    pipe = AsyncDiffPipeline(sd, components=2)
+    req = Request("digit 4", steps=5, seed=9)
+    a, b = pipe(req), pipe(req)
+    assert a.shape == (16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, pipe(Request("digit 4", steps=5, seed=10)))
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        (dict(prompt=""), "PROMPT"),
+        (dict(steps=0), "STEPS"),
+        (dict(steps=1001), "STEPS"),
+        (dict(warmup=0), "WARMUP"),
+        (dict(steps=5, warmup=5), "WARMUP"),
+        (dict(guidance_scale=float("nan")), "GUIDANCE_SCALE"),
+        (dict(guidance_scale=-1.0), "GUIDANCE_SCALE"),
+        (dict(seed=-1), "SEED"),
+        (dict(scheduler="pndm"), "SCHEDULER"),
+    ],
+)
+def test_request_validation_names_the_field(fields, name):
+    req = Request(**{"prompt": "7", **fields})
+    with pytest.raises(ValueError, match=name):
+        req.validate()
+
+
+def test_overlong_prompt_is_rejected(sd):
+    with pytest.raises(ValueError, match="PROMPT is .* tokens"):
+        token_ids(sd.tokenizer, "seven " * 100)
+    assert token_ids(sd.tokenizer, "seven").shape == (1, 77)

@@ -34,8 +34,10 @@ def profile_stages(
     if metric not in METRICS:
         raise ValueError(f"cost metric must be one of {METRICS}, got {metric!r}")
     check_sample_size(graph.config, height, width)
-    device = next(graph.time_embedding.parameters()).device
-    sample, timestep, text, extra = example_inputs(graph.config, batch, height, width, device)
+    weight = next(graph.time_embedding.parameters())
+    sample, timestep, text, extra = example_inputs(graph.config, batch, height, width, weight.device)
+    sample, text = sample.to(weight.dtype), text.to(weight.dtype)  # fp16 UNets take fp16 inputs
+    extra = {k: v.to(weight.dtype) for k, v in extra.items()}
     inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text, **extra}
     costs, shapes, values = [], {}, {}
     with torch.no_grad():
@@ -56,9 +58,17 @@ def _measure(stage, args, metric: str, repeats: int) -> float:
         with counter:
             stage(*args)
         return float(counter.get_total_flops())
+    device = args[0].device
     times = []
     for _ in range(repeats + 1):  # the first call warms caches and is dropped
+        _synchronize(device)
         t0 = time.perf_counter()
         stage(*args)
+        _synchronize(device)  # GPU kernels are asynchronous: time the work, not the launch
         times.append(time.perf_counter() - t0)
     return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

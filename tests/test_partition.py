@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from asyncdiff.partition import (
     Partition, assign_outer_ring, partition_unet, split_contiguous,
@@ -101,3 +102,11 @@ def test_cli_prints_shares_and_shapes(tmp_path):
     ).stdout
     assert "[unet_part_1]" in out and "%" in out and "[2, 4, 16, 16]" in out
     assert Partition.load(tmp_path / "p.json").num_components == 2
+
+
+def test_time_metric_follows_the_unet_dtype():
+    from asyncdiff.configs import load_unet
+
+    unet = load_unet("sd15").to(torch.float64)
+    part = partition_unet(unet, 2, model="sd15", metric="time")
+    assert part.cost_metric == "time" and all(c.cost > 0 for c in part.components)

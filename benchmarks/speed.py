@@ -1,0 +1,456 @@
+"""AsyncDiff speed on a CPU machine: sequential vs N2S1 vs batched N2S2, in-process and via Triton.
+
+    python -m benchmarks.speed [--quick] [--json benchmarks/results/speed.json]
+
+Each CPU core stands in for one device, with one torch/onnxruntime thread each.
+
+* In-process: ``sd15-full`` (the SD 1.5 UNet, random weights) at latent 16, on the
+  torch.distributed runner.  Two rank processes build every variant once, then run
+  them in rotating order (ABC, BCA, CAB, ...) so load from other jobs hits all alike.
+* Triton: the benchmark pipeline (``benchmarks.bench_pipeline``) exported for
+  N=1, N=2 S=1 and N=2 S=2 batched (onnxruntime), one server each, requests
+  rotated the same way; Triton's statistics API splits each request's time.
+
+Ideal speedups (T steps, w warm-up steps, R = parallel rounds of the plan: T-w for
+S=1, ceil((T-w)/2) for S=2; a round costs the slowest device's share of one UNet):
+  ideal = T / (w + R * round)
+  round (perfect balance): 1/N for S=1; 2/(2N-1) for batched S=2 (the last device
+    runs its component twice, so its share is half the others')
+  round (this partition):  max_k share_k for S=1; max(share_0..N-2, 2*share_N-1)
+    batched, with the FLOP shares of the partition actually run.
+
+Per-step orchestration overhead (same definition for both executors):
+  in-process: (wall - max over ranks of compute) / T
+  Triton:     (e2e - text_encoder - vae_decoder - max over components of compute) / T
+Both include waiting for the other device (warm-up, imbalance), not only messaging.
+
+Ends with one line: ``speedup_n2s1_local=<x> speedup_n2s1_triton=<y> ideal=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import queue as queue_mod
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+VARIANTS = {  # name -> (components, stride, batched stride)
+    "seq": (1, 1, False),
+    "n2s1": (2, 1, False),
+    "n2s2b": (2, 2, True),
+}
+LABELS = {"seq": "sequential (N=1)", "n2s1": "N2S1", "n2s2b": "N2S2 batched"}
+
+
+@dataclass
+class Settings:
+    model: str = "sd15-full"
+    latent: int = 16
+    steps: int = 20
+    warmup: int = 1
+    reps: int = 3
+    triton: bool = True
+    triton_n2s2: bool = True
+    workdir: str | None = None  # keep/reuse the benchmark pipeline here (default: a temp dir)
+    validate: bool = True  # parity-check the exports (quick skips it: the export tests do it)
+
+
+QUICK = dict(steps=7, validate=False)
+
+
+# -- helpers -----------------------------------------------------------------------
+
+def rotations(names: list[str], reps: int) -> list[list[str]]:
+    """Rep r runs the variants rotated by r: each variant takes each position equally."""
+    return [names[r % len(names):] + names[:r % len(names)] for r in range(reps)]
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, stamped with seconds since start."""
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ideal_speedups(partition, plan) -> dict:
+    """(perfect balance, this partition) ideal speedups of ``plan`` vs one device."""
+    n, t = plan.components, plan.steps_total
+    warm = sum(s.mode == "warmup" for s in plan.steps)
+    rounds = sum(s.mode == "compute" for s in plan.steps)
+    shares = [partition.cost_share(k) for k in range(n)]
+    if plan.stride == 2 and partition.batched_stride and n > 1:
+        perfect, actual = 2 / (2 * n - 1), max(shares[:-1] + [2 * shares[-1]])
+    else:
+        perfect, actual = 1 / n, max(shares)
+    return {"perfect": t / (warm + rounds * perfect), "partition": t / (warm + rounds * actual),
+            "warmup_steps": warm, "rounds": rounds, "shares": shares}
+
+
+def machine_info() -> dict:
+    import onnxruntime
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "loadavg_start": os.getloadavg()}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+# -- in-process: the torch.distributed runner ------------------------------------------
+
+def run_configs(s: Settings) -> dict:
+    from asyncdiff.runners.distributed import RunConfig
+
+    return {name: RunConfig(model=s.model, components=n, stride=st, batch_stride=b,
+                            warmup=s.warmup, steps=s.steps, latent=s.latent)
+            for name, (n, st, b) in VARIANTS.items()}
+
+
+def _state_bytes(runner) -> int:
+    comps = [c for c in runner.local.components if c is not None]
+    return sum(v.numel() * v.element_size() for c in comps for v in c.state_dict().values())
+
+
+def _local_worker(rank: int, world: int, port: int, cfgs: dict, reps: int, out_q) -> None:
+    import torch.distributed as dist
+
+    from asyncdiff.runners import distributed as D
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    D.init_group(rank, world, port)
+    torch.set_num_threads(1)  # one core = one device
+    try:
+        # Build every variant once: rebuilding sd15-full per run would cost more than the runs.
+        runners = {k: D.DistributedRunner(c, rank) if rank < c.world_size else None
+                   for k, c in cfgs.items()}
+        out_q.put(("weights", rank, {k: _state_bytes(r) for k, r in runners.items() if r}))
+        if rank == 0:
+            log("local: variants built")
+        for r, order in enumerate(rotations(list(cfgs), reps)):
+            for k in order:
+                res = D.run_generation(cfgs[k], runners[k])
+                if rank == res["owner"]:
+                    out_q.put(("run", r, k, res["ranks"]))
+                    log(f"local: rep {r} {k} wall {max(x['wall_s'] for x in res['ranks']):.2f} s")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(s: Settings, timeout_s: float = 3600.0) -> dict:
+    import torch.multiprocessing as mp
+
+    from asyncdiff.configs import load_unet
+    from asyncdiff.runners import distributed as D
+
+    cfgs = run_configs(s)
+    meta = load_unet(s.model, device="meta")  # FLOP partitions need only the config
+    parts = {k: D.get_partition(c, meta) for k, c in cfgs.items()}  # inherited by the forks
+    world = max(c.world_size for c in cfgs.values())
+    log(f"local: partitions ready, starting {world} ranks")
+    ctx = mp.get_context("fork")
+    out_q, port = ctx.Queue(), D.free_port()
+    procs = [ctx.Process(target=_local_worker, args=(r, world, port, cfgs, s.reps, out_q))
+             for r in range(world)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    msgs = _collect(out_q, procs, world + s.reps * len(cfgs), timeout_s)
+    return _local_report(s, cfgs, parts, msgs, time.perf_counter() - t0)
+
+
+def _collect(out_q, procs, count: int, timeout_s: float) -> list:
+    msgs, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(msgs) < count:
+            try:
+                msgs.append(out_q.get(timeout=1.0))
+            except queue_mod.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"rank processes failed ({failed}) or timed out")
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return msgs
+
+
+def _local_report(s: Settings, cfgs: dict, parts: dict, msgs: list, seconds: float) -> dict:
+    from asyncdiff.schedule import make_plan
+
+    weights = {}
+    for _, rank, per in (m for m in msgs if m[0] == "weights"):
+        for k, b in per.items():
+            weights.setdefault(k, {})[rank] = b
+    out = {"model": s.model, "latent": s.latent, "steps": s.steps, "warmup": s.warmup,
+           "reps": s.reps, "seconds": seconds, "variants": {}}
+    for k, cfg in cfgs.items():
+        runs = [{"rep": m[1], "wall_s": max(x["wall_s"] for x in m[3]), "ranks": m[3]}
+                for m in msgs if m[0] == "run" and m[2] == k]
+        for run in runs:
+            run["overhead_per_step_s"] = (run["wall_s"] - max(x["compute_s"] for x in run["ranks"])) / s.steps
+            run["bytes_sent"] = sum(x["bytes_sent"] for x in run["ranks"])
+        plan = make_plan(cfg.steps, cfg.components, cfg.stride, cfg.warmup)
+        part = parts[k]
+        out["variants"][k] = {
+            "config": asdict(cfg), "runs": runs,
+            "wall_s": median([r["wall_s"] for r in runs]),
+            "overhead_per_step_s": median([r["overhead_per_step_s"] for r in runs]),
+            "ideal": ideal_speedups(part, plan),
+            "cross_bytes_per_round_fp32": part.cross_bytes(4),
+            "bytes_sent_per_step": median([r["bytes_sent"] for r in runs]) / s.steps,
+            "weight_bytes_per_rank": weights.get(k, {}),
+        }
+    _add_speedups(out["variants"], "wall_s")
+    seq = out["variants"]["seq"]
+    seq["call_s"] = seq["wall_s"] / s.steps  # N=1: one UNet call per step (+ scheduler)
+    return out
+
+
+def _add_speedups(variants: dict, key: str) -> None:
+    base = variants["seq"][key]
+    for v in variants.values():
+        v["speedup"] = base / v[key] if v[key] else float("nan")
+
+
+# -- end to end through Triton --------------------------------------------------------
+
+def triton_deployments(s: Settings):
+    from benchmarks.bench_pipeline import Deployment
+
+    names = [k for k in VARIANTS if s.triton_n2s2 or k != "n2s2b"]
+    return {k: Deployment(*VARIANTS[k]) for k in names}
+
+
+def model_stats(url: str) -> dict:
+    """Per model: request/execution counts and cumulative ns (Triton statistics API)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        raw = client.get_inference_statistics(as_json=True)
+    out = {}
+    for m in raw.get("model_stats", []):
+        st = m.get("inference_stats", {})
+        row = {"requests": int(st.get("success", {}).get("count", 0)),
+               "executions": int(m.get("execution_count", 0))}
+        for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+            row[f"{key}_ns"] = int(st.get(key, {}).get("ns", 0))
+        out[m["name"]] = row
+    return out
+
+
+def stats_delta(after: dict, before: dict) -> dict:
+    return {m: {k: v - before.get(m, {}).get(k, 0) for k, v in row.items()}
+            for m, row in after.items()}
+
+
+def compute_ns(row: dict) -> int:
+    return row["compute_input_ns"] + row["compute_infer_ns"] + row["compute_output_ns"]
+
+
+def split_request(e2e_s: float, delta: dict, steps: int) -> dict:
+    """Where one request's time went, from the statistics deltas around it."""
+    parts = {m: r for m, r in delta.items() if m.startswith("unet_part_")}
+    te = delta.get("text_encoder", {}).get("success_ns", 0) / 1e9
+    vae = delta.get("vae_decoder", {}).get("success_ns", 0) / 1e9
+    critical = max(compute_ns(r) for r in parts.values()) / 1e9
+    return {
+        "e2e_s": e2e_s, "text_encoder_s": te, "vae_decoder_s": vae,
+        "bls_s": delta.get("asyncdiff", {}).get("success_ns", 0) / 1e9,
+        "critical_compute_s": critical,
+        "overhead_per_step_s": (e2e_s - te - vae - critical) / steps,
+        "components": {m: {"requests": r["requests"], "executions": r["executions"],
+                           "compute_s": compute_ns(r) / 1e9, "queue_s": r["queue_ns"] / 1e9,
+                           "request_s": r["success_ns"] / 1e9} for m, r in sorted(parts.items())},
+    }
+
+
+def run_triton(s: Settings, workdir: Path) -> dict:
+    from benchmarks import bench_pipeline as bp
+    from client.infer import GenerationParams, generate
+
+    t0 = time.perf_counter()
+    pipeline = bp.build(workdir / "pipeline")
+    deps = triton_deployments(s)
+    exports, export_s = {}, {}
+    for k, dep in deps.items():
+        t = time.perf_counter()
+        exports[k] = bp.export(pipeline, dep, workdir / dep.name, validate=s.validate)
+        export_s[k] = time.perf_counter() - t
+        log(f"triton: exported {dep.name} in {export_s[k]:.0f} s")
+    params = GenerationParams("a handwritten digit 3", seed=0, steps=s.steps, warmup=s.warmup)
+    runs = {k: [] for k in deps}
+    with bp.serve_all({k: workdir / d.name for k, d in deps.items()}) as servers:
+        serve_s = time.perf_counter() - t0 - sum(export_s.values())
+        log(f"triton: {len(servers)} servers ready")
+        for k, srv in servers.items():  # first request pays lazy session set-up
+            generate(params, "grpc", srv.grpc_url)
+        for r, order in enumerate(rotations(list(deps), s.reps)):
+            for k in order:
+                url = servers[k].grpc_url
+                before = model_stats(url)
+                t = time.perf_counter()
+                generate(params, "grpc", url)
+                e2e = time.perf_counter() - t
+                runs[k].append(dict(rep=r, **split_request(e2e, stats_delta(model_stats(url), before),
+                                                           s.steps)))
+                log(f"triton: rep {r} {k} e2e {e2e:.2f} s")
+    return _triton_report(s, deps, exports, export_s, serve_s, runs, workdir, time.perf_counter() - t0)
+
+
+def _triton_report(s, deps, exports, export_s, serve_s, runs, workdir, seconds) -> dict:
+    from asyncdiff.schedule import make_plan
+    from benchmarks.bench_pipeline import BENCH_CHANNELS, onnx_bytes, unet_config
+
+    out = {"pipeline": {"unet": unet_config(), "channels": list(BENCH_CHANNELS)},
+           "steps": s.steps, "warmup": s.warmup, "reps": s.reps, "seconds": seconds,
+           "export_s": export_s, "server_start_s": serve_s, "variants": {}}
+    for k, dep in deps.items():
+        part = exports[k]
+        plan = make_plan(s.steps, dep.components, dep.stride, s.warmup)
+        rs = runs[k]
+        out["variants"][k] = {
+            "deployment": asdict(dep), "runs": rs,
+            "e2e_s": median([r["e2e_s"] for r in rs]),
+            "unet_e2e_s": median([r["e2e_s"] - r["text_encoder_s"] - r["vae_decoder_s"] for r in rs]),
+            "overhead_per_step_s": median([r["overhead_per_step_s"] for r in rs]),
+            "ideal": ideal_speedups(part, plan),
+            "cross_bytes_per_round_fp32": part.cross_bytes(4),
+            "weight_bytes_per_component": {c.name: onnx_bytes(workdir / dep.name, c.name)
+                                           for c in part.components},
+        }
+    _add_speedups(out["variants"], "e2e_s")
+    seq = out["variants"]["seq"]["runs"]
+    out["call_s"] = median([r["components"]["unet_part_0"]["compute_s"] / s.steps for r in seq])
+    return out
+
+
+# -- report -------------------------------------------------------------------------
+
+def table(local: dict | None, triton: dict | None) -> str:
+    lines = [f"{'variant':18s} {'local s':>8s} {'x':>5s} {'Triton s':>9s} {'x':>5s} "
+             f"{'ideal':>5s} {'ideal(part)':>11s} {'ovh/step ms local|Triton':>25s} "
+             f"{'MB/round':>8s}"]
+    for k in VARIANTS:
+        lv = (local or {}).get("variants", {}).get(k)
+        tv = (triton or {}).get("variants", {}).get(k)
+        ref = lv or tv
+        if ref is None:
+            continue
+        f = lambda v, key, fmt: format(v[key], fmt) if v else "-"  # noqa: E731
+        ovh = f"{f(lv, 'overhead_per_step_s', '.4f')}|{f(tv, 'overhead_per_step_s', '.4f')}"
+        ovh = "|".join(x if x == "-" else f"{float(x) * 1e3:.1f}" for x in ovh.split("|"))
+        lines.append(
+            f"{LABELS[k]:18s} {f(lv, 'wall_s', '8.2f'):>8s} {f(lv, 'speedup', '5.2f'):>5s} "
+            f"{f(tv, 'e2e_s', '9.2f'):>9s} {f(tv, 'speedup', '5.2f'):>5s} "
+            f"{ref['ideal']['perfect']:5.2f} {ref['ideal']['partition']:11.2f} {ovh:>25s} "
+            f"{ref['cross_bytes_per_round_fp32'] / 1e6:8.3f}")
+    return "\n".join(lines)
+
+
+def weights_table(local: dict | None, triton: dict | None) -> str:
+    lines = []
+    if local:
+        full = local["variants"]["seq"]["weight_bytes_per_rank"].get(0, 0)
+        for k, v in local["variants"].items():
+            per = ", ".join(f"rank {r}: {b / 1e6:.0f} MB ({b / full:.0%})"
+                            for r, b in sorted(v["weight_bytes_per_rank"].items()))
+            lines.append(f"local  {LABELS[k]:16s} {per}")
+    if triton:
+        full = sum(triton["variants"]["seq"]["weight_bytes_per_component"].values())
+        for k, v in triton["variants"].items():
+            per = ", ".join(f"{m}: {b / 1e6:.1f} MB ({b / full:.0%})"
+                            for m, b in v["weight_bytes_per_component"].items())
+            lines.append(f"Triton {LABELS[k]:16s} {per}")
+    return "\n".join(lines)
+
+
+def final_line(local: dict | None, triton: dict | None) -> str:
+    def get(rep, key):
+        v = (rep or {}).get("variants", {}).get("n2s1")
+        return v[key] if v else float("nan")
+
+    ideal = get(local, "ideal") if local else get(triton, "ideal")
+    z = ideal["perfect"] if isinstance(ideal, dict) else float("nan")
+    return (f"speedup_n2s1_local={get(local, 'speedup'):.2f} "
+            f"speedup_n2s1_triton={get(triton, 'speedup'):.2f} ideal={z:.2f}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"fewer steps ({QUICK}); <= 10 min on 2 cores")
+    p.add_argument("--json", type=Path, help="write every timing and the machine info here")
+    p.add_argument("--model", help="in-process UNet (default sd15-full)")
+    p.add_argument("--latent", type=int, help="in-process latent side (default 16)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--reps", type=int)
+    p.add_argument("--no-local", action="store_true", help="skip the in-process part")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton part")
+    p.add_argument("--no-triton-n2s2", action="store_true", help="Triton: N=1 and N2S1 only")
+    p.add_argument("--workdir", help="keep the benchmark pipeline and exports here")
+    a = p.parse_args(argv)
+    s = Settings(**(QUICK if a.quick else {}))
+    for key in ("model", "latent", "steps", "reps", "workdir"):
+        if getattr(a, key) is not None:
+            setattr(s, key, getattr(a, key))
+    s.triton, s.triton_n2s2 = not a.no_triton, not a.no_triton_n2s2
+    return s, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    s, a = parse_args(argv)
+    report = {"command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
+              "settings": asdict(s), "machine": machine_info()}
+    t0 = time.perf_counter()
+    local = run_local(s) if not a.no_local else None
+    triton = None
+    if s.triton:
+        with tempfile.TemporaryDirectory(prefix="asyncdiff-speed-") as tmp:
+            triton = run_triton(s, Path(s.workdir or tmp))
+    report.update(local=local, triton=triton, seconds=time.perf_counter() - t0)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    print(table(local, triton))
+    print(weights_table(local, triton))
+    line = final_line(local, triton)
+    report["final_line"] = line
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+        print(f"wrote {a.json} ({report['seconds']:.0f} s)")
+    print(line)
+    return 0
+
+
+def _jsonable(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

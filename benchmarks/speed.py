@@ -4,12 +4,14 @@
 
 Each CPU core stands in for one device, with one torch/onnxruntime thread each.
 
-* In-process: ``sd15-full`` (the SD 1.5 UNet, random weights) at latent 16, on the
-  torch.distributed runner.  Two rank processes build every variant once, then run
-  them in rotating order (ABC, BCA, CAB, ...) so load from other jobs hits all alike.
-* Triton: the benchmark pipeline (``benchmarks.bench_pipeline``) exported for
-  N=1, N=2 S=1 and N=2 S=2 batched (onnxruntime), one server each, requests
-  rotated the same way; Triton's statistics API splits each request's time.
+* Both parts run the UNet of the benchmark pipeline (``benchmarks.bench_pipeline``: the
+  SD 1.5 block structure at 0.3x width, random weights, latent 32, compute-bound).
+* In-process: the torch.distributed runner.  Two rank processes build every variant
+  once, then run them in rotating order (ABC, BCA, CAB, ...) so load from other jobs
+  hits all alike.
+* Triton: the benchmark pipeline exported for N=1, N=2 S=1 and N=2 S=2 batched
+  (onnxruntime), one server each, requests rotated the same way; Triton's statistics
+  API splits each request's time.
 
 Ideal speedups (T steps, w warm-up steps, R = parallel rounds of the plan: T-w for
 S=1, ceil((T-w)/2) for S=2; a round costs the slowest device's share of one UNet):
@@ -53,8 +55,8 @@ LABELS = {"seq": "sequential (N=1)", "n2s1": "N2S1", "n2s2b": "N2S2 batched"}
 
 @dataclass
 class Settings:
-    model: str = "sd15-full"
-    latent: int = 16
+    model: str | None = None  # None: the benchmark pipeline's UNet
+    latent: int = 32
     steps: int = 20
     warmup: int = 1
     reps: int = 3
@@ -256,8 +258,11 @@ def model_stats(url: str) -> dict:
         st = m.get("inference_stats", {})
         row = {"requests": int(st.get("success", {}).get("count", 0)),
                "executions": int(m.get("execution_count", 0))}
-        for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        for key in ("success", "queue"):  # per request: summed over the requests of a batch
             row[f"{key}_ns"] = int(st.get(key, {}).get("ns", 0))
+        # Compute per execution: a dynamically batched pair is one execution, not two.
+        row["compute_ns"] = sum(int(b.get(key, {}).get("ns", 0)) for b in m.get("batch_stats", [])
+                                for key in ("compute_input", "compute_infer", "compute_output"))
         out[m["name"]] = row
     return out
 
@@ -267,23 +272,19 @@ def stats_delta(after: dict, before: dict) -> dict:
             for m, row in after.items()}
 
 
-def compute_ns(row: dict) -> int:
-    return row["compute_input_ns"] + row["compute_infer_ns"] + row["compute_output_ns"]
-
-
 def split_request(e2e_s: float, delta: dict, steps: int) -> dict:
     """Where one request's time went, from the statistics deltas around it."""
     parts = {m: r for m, r in delta.items() if m.startswith("unet_part_")}
     te = delta.get("text_encoder", {}).get("success_ns", 0) / 1e9
     vae = delta.get("vae_decoder", {}).get("success_ns", 0) / 1e9
-    critical = max(compute_ns(r) for r in parts.values()) / 1e9
+    critical = max(r["compute_ns"] for r in parts.values()) / 1e9
     return {
         "e2e_s": e2e_s, "text_encoder_s": te, "vae_decoder_s": vae,
         "bls_s": delta.get("asyncdiff", {}).get("success_ns", 0) / 1e9,
         "critical_compute_s": critical,
         "overhead_per_step_s": (e2e_s - te - vae - critical) / steps,
         "components": {m: {"requests": r["requests"], "executions": r["executions"],
-                           "compute_s": compute_ns(r) / 1e9, "queue_s": r["queue_ns"] / 1e9,
+                           "compute_s": r["compute_ns"] / 1e9, "queue_s": r["queue_ns"] / 1e9,
                            "request_s": r["success_ns"] / 1e9} for m, r in sorted(parts.items())},
     }
 
@@ -399,18 +400,99 @@ def final_line(local: dict | None, triton: dict | None) -> str:
             f"speedup_n2s1_triton={get(triton, 'speedup'):.2f} ideal={z:.2f}")
 
 
+def plot(report: dict, path: Path) -> None:
+    """Speedup bars (local, Triton) per variant, with both ideal speedups marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width, seen = 0.36, set()
+    for j, (part, color) in enumerate((("local", "#4c72b0"), ("triton", "#dd8452"))):
+        rep = report.get(part) or {}
+        for i, k in enumerate(VARIANTS):
+            v = rep.get("variants", {}).get(k)
+            if not v:
+                continue
+            x = i + (j - 0.5) * width
+            ax.bar(x, v["speedup"], width * 0.9, color=color,
+                   label=("in-process (torch.distributed)" if part == "local" else "Triton end-to-end")
+                   if i == 0 else None)
+            ax.text(x, v["speedup"] + 0.03, f"{v['speedup']:.2f}", ha="center", fontsize=8)
+            for key, style in (("perfect", "k_"), ("partition", "r_")):
+                label = f"ideal ({'perfect balance' if key == 'perfect' else 'this partition'})"
+                ax.plot(x, v["ideal"][key], style, markersize=22, mew=2,
+                        label=None if label in seen else label)
+                seen.add(label)
+    ax.set_xticks(range(len(VARIANTS)), [LABELS[k] for k in VARIANTS])
+    ax.set_ylabel("speedup vs sequential")
+    m = report["machine"]
+    local = report.get("local") or {}
+    ax.set_title(f"AsyncDiff on {m['cores']} CPU cores ({m['cpu']}), T={report['settings']['steps']}\n"
+                 f"in-process: {local.get('model', '-')} latent {local.get('latent', '-')}; "
+                 "Triton: benchmark pipeline", fontsize=9)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.text(0.01, 0.01, report["command"], fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+
+
+def markdown(report: dict) -> str:
+    """The doc's tables, from a report."""
+    out = ["| variant | in-process s | speedup | Triton s | speedup | ideal (perfect) | ideal (partition) "
+           "| overhead/step in-process ms | overhead/step Triton ms | MB/round (fp32) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    local, triton = report.get("local") or {}, report.get("triton") or {}
+    for k in VARIANTS:
+        lv, tv = local.get("variants", {}).get(k), triton.get("variants", {}).get(k)
+        g = lambda v, key, f="{:.2f}", scale=1: f.format(v[key] * scale) if v else "-"  # noqa: E731
+        ideal = (lv or tv)["ideal"]
+        mb = " / ".join(f"{v['cross_bytes_per_round_fp32'] / 1e6:.2f}" for v in (lv, tv) if v)
+        out.append(f"| {LABELS[k]} | {g(lv, 'wall_s')} | {g(lv, 'speedup')} | {g(tv, 'e2e_s')} | "
+                   f"{g(tv, 'speedup')} | {ideal['perfect']:.2f} | "
+                   f"{(lv or {}).get('ideal', {}).get('partition', float('nan')):.2f} / "
+                   f"{(tv or {}).get('ideal', {}).get('partition', float('nan')):.2f} | "
+                   f"{g(lv, 'overhead_per_step_s', '{:.1f}', 1e3)} | "
+                   f"{g(tv, 'overhead_per_step_s', '{:.1f}', 1e3)} | {mb} |")
+    return "\n".join(out)
+
+
+def where_the_time_goes(report: dict) -> str:
+    """Median per-step split of a Triton request, per deployment."""
+    triton = report.get("triton") or {}
+    steps = triton.get("steps", 1)
+    out = ["| deployment | e2e ms/step | component compute ms/step (per execution) | queue ms/step "
+           "| text enc + VAE ms | BLS ms/step outside the critical path |", "|---|---|---|---|---|---|"]
+    for k, v in triton.get("variants", {}).items():
+        runs = v["runs"]
+        comps = sorted(runs[0]["components"])
+        comp = ", ".join(f"{c}: {median([r['components'][c]['compute_s'] for r in runs]) / steps * 1e3:.1f}"
+                         for c in comps)
+        queue = ", ".join(f"{c}: {median([r['components'][c]['queue_s'] for r in runs]) / steps * 1e3:.2f}"
+                          for c in comps)
+        tev = median([r["text_encoder_s"] + r["vae_decoder_s"] for r in runs]) * 1e3
+        out.append(f"| {LABELS[k]} | {v['e2e_s'] / steps * 1e3:.1f} | {comp} | {queue} | {tev:.1f} | "
+                   f"{v['overhead_per_step_s'] * 1e3:.1f} |")
+    return "\n".join(out)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"fewer steps ({QUICK}); <= 10 min on 2 cores")
     p.add_argument("--json", type=Path, help="write every timing and the machine info here")
-    p.add_argument("--model", help="in-process UNet (default sd15-full)")
-    p.add_argument("--latent", type=int, help="in-process latent side (default 16)")
+    p.add_argument("--model", help="in-process UNet (default: the benchmark pipeline's)")
+    p.add_argument("--latent", type=int, help="in-process latent side (default 32)")
     p.add_argument("--steps", type=int)
     p.add_argument("--reps", type=int)
     p.add_argument("--no-local", action="store_true", help="skip the in-process part")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton part")
     p.add_argument("--no-triton-n2s2", action="store_true", help="Triton: N=1 and N2S1 only")
     p.add_argument("--workdir", help="keep the benchmark pipeline and exports here")
+    p.add_argument("--from-json", type=Path, help="measure nothing: report/plot this saved JSON")
+    p.add_argument("--plot", type=Path, help="write the speedup bar chart (PNG) here")
+    p.add_argument("--markdown", action="store_true", help="also print the doc's markdown tables")
     a = p.parse_args(argv)
     s = Settings(**(QUICK if a.quick else {}))
     for key in ("model", "latent", "steps", "reps", "workdir"):
@@ -424,14 +506,19 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     s, a = parse_args(argv)
+    if a.from_json:
+        return _from_json(a)
     report = {"command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": asdict(s), "machine": machine_info()}
     t0 = time.perf_counter()
-    local = run_local(s) if not a.no_local else None
-    triton = None
-    if s.triton:
-        with tempfile.TemporaryDirectory(prefix="asyncdiff-speed-") as tmp:
-            triton = run_triton(s, Path(s.workdir or tmp))
+    with tempfile.TemporaryDirectory(prefix="asyncdiff-speed-") as tmp:
+        workdir = Path(s.workdir or tmp)
+        if s.model is None:
+            from benchmarks import bench_pipeline as bp
+
+            s.model = str(bp.build(workdir / "pipeline"))
+        local = run_local(s) if not a.no_local else None
+        triton = run_triton(s, workdir) if s.triton else None
     report.update(local=local, triton=triton, seconds=time.perf_counter() - t0)
     report["machine"]["loadavg_end"] = os.getloadavg()
     print(table(local, triton))
@@ -442,8 +529,28 @@ def main(argv: list[str] | None = None) -> int:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
         print(f"wrote {a.json} ({report['seconds']:.0f} s)")
+    _extras(report, a)
     print(line)
     return 0
+
+
+def _from_json(a) -> int:
+    import json
+
+    report = json.loads(a.from_json.read_text())
+    print(table(report.get("local"), report.get("triton")))
+    _extras(report, a)
+    print(report["final_line"])
+    return 0
+
+
+def _extras(report: dict, a) -> None:
+    if a.plot:
+        plot(report, a.plot)
+        print(f"wrote {a.plot}")
+    if a.markdown:
+        print(markdown(report))
+        print(where_the_time_goes(report))
 
 
 def _jsonable(x):

@@ -145,7 +145,8 @@ def run_export(opts: ExportOptions) -> ExportResult:
     artifacts = _export_all(opts, out, networks, part, dict(source.unet.config))
     _write_configs(opts, out, artifacts, placements)
     if source.full_pipeline:
-        _write_pipeline(opts, out, _served_partition(part, artifacts), source, h, w, artifacts)
+        _write_pipeline(opts, out, _served_partition(part, artifacts), source, h, w, artifacts,
+                        placements)
     engines, commands = _engines(opts, out, artifacts, notes)
     return ExportResult(opts, part, artifacts, engines, commands, notes, time.perf_counter() - start)
 
@@ -221,14 +222,15 @@ def _served_partition(part, artifacts: list[Artifact]):
 
 
 def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
-                    artifacts: list[Artifact]) -> None:
+                    artifacts: list[Artifact], placements) -> None:
     vae = next(a for a in artifacts if a.name == repo_mod.VAE_DECODER)
     _, height, width = vae.outputs[0].shape
     latent_shape = [source.unet.config.in_channels, h, w]
     unet_dtype = str(artifacts[0].inputs[0].dtype)
     config = repo_mod.pipeline_config(
         part, latent_shape=latent_shape, image_shape=(height, width), dtype=unet_dtype,
-        vae_scaling_factor=source.vae.config.scaling_factor, defaults=opts.defaults)
+        vae_scaling_factor=source.vae.config.scaling_factor, defaults=opts.defaults,
+        gpu=placements[0].gpus[0] if placements[0].gpus else None)
     repo_mod.write(out, config, repo_mod.pipeline_files(part, source.scheduler_config,
                                                          source.tokenizer_dir))
 

@@ -124,8 +124,13 @@ def pipeline_inputs():
 
 
 def pipeline_config(part, *, latent_shape: Sequence[int], image_shape: Sequence[int],
-                    dtype: str, vae_scaling_factor: float, defaults: PipelineDefaults):
-    """The BLS model: ``max_batch_size: 0``, one generation per request."""
+                    dtype: str, vae_scaling_factor: float, defaults: PipelineDefaults,
+                    gpu: int | None = None):
+    """The BLS model: ``max_batch_size: 0``, one generation per request.
+
+    With ``gpu`` the BLS keeps latents and scheduler on that GPU and takes component
+    outputs as GPU tensors (no host round-trip per step).
+    """
     height, width = image_shape
     outputs = [tensor("IMAGE", np.uint8, [height, width, 3]),
                tensor("LATENTS", np.float32, list(latent_shape))]
@@ -153,6 +158,9 @@ def pipeline_config(part, *, latent_shape: Sequence[int], image_shape: Sequence[
         "partition_file": PARTITION_FILE,
         "scheduler_config_file": SCHEDULER_FILE,
         "tokenizer_dir": TOKENIZER_DIR,
+        "device": "cpu" if gpu is None else f"cuda:{gpu}",
+        # Let BLS responses stay in GPU memory instead of being copied to the host.
+        "FORCE_CPU_ONLY_INPUT_TENSORS": "yes" if gpu is None else "no",
     }
     config = python_model_config(PIPELINE_MODEL, pipeline_inputs(), outputs,
                                  backend=PIPELINE_BACKEND, max_batch_size=0, parameters=params)

@@ -264,7 +264,6 @@ def get_partition(cfg: RunConfig, unet=None) -> Partition:
         from asyncdiff.configs import load_unet
         from asyncdiff.partition import partition_unet
 
-        # A real (not meta) UNet: FLOP counts of attention differ on the meta device.
         unet = unet if unet is not None else load_unet(cfg.model, seed=cfg.weights_seed)
         size = cfg.latent or unet.config.sample_size
         _PARTITIONS[key] = partition_unet(

@@ -60,16 +60,23 @@ class TritonPythonModel:
             steps=int(params.get("default_steps", 25)),
             guidance_scale=float(params.get("default_guidance_scale", 3.0)),
             warmup=int(params.get("default_warmup", 1)),
+            scheduler=params.get("default_scheduler", "ddim"),
+            seed=int(params.get("default_seed", 0)),
         )
         self.vae_scale = float(params.get("vae_scaling_factor", 1.0))
         self.timeout_s = float(params.get("component_timeout_s", 120))
         self.device = torch.device(params.get("device", "cpu"))
+        # GPU deployments ask for component outputs in this GPU's memory (DLPack, no host copy).
+        self.memory = {}
+        if self.device.type == "cuda":
+            self.memory = {"preferred_memory": pb_utils.PreferredMemory(
+                pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)}
         self.latent_shape = (1, int(params["latent_channels"]),
                              self.partition.latent_height, self.partition.latent_width)
         self.names = {k: params.get(k, d) for k, d in (
             ("text_encoder", "text_encoder"), ("text_input", "input_ids"),
             ("text_output", "last_hidden_state"), ("vae_decoder", "vae_decoder"),
-            ("vae_input", "latent"), ("vae_output", "image"))}
+            ("vae_input", "latents"), ("vae_output", "image"))}
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
 
     async def execute(self, requests):
@@ -88,6 +95,9 @@ class TritonPythonModel:
             return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
         except ComponentError as exc:
             return _error(str(exc), pb_utils.TritonError.INTERNAL)
+        except Exception as exc:  # a bug must fail this request only, not its batch-mates
+            pb_utils.Logger.log_error(f"asyncdiff: {type(exc).__name__}: {exc}")
+            return _error(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("IMAGE", image),
             pb_utils.Tensor("LATENTS", latents[0].cpu().numpy().astype(np.float32)),
@@ -152,7 +162,7 @@ class TritonPythonModel:
 
     async def _infer(self, model, tensors, outputs):
         request = pb_utils.InferenceRequest(
-            model_name=model, inputs=tensors, requested_output_names=outputs)
+            model_name=model, inputs=tensors, requested_output_names=outputs, **self.memory)
         try:
             response = await asyncio.wait_for(request.async_exec(), self.timeout_s)
         except asyncio.TimeoutError:

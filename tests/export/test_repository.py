@@ -264,3 +264,20 @@ def test_gpu_placement_rules():
     assert place(2, 2, False, None)[-1] == repo_mod.Placement(count=2)
     with pytest.raises(ValueError, match="3 needed"):
         place(2, 2, False, [0, 1])
+
+
+@pytest.mark.parametrize("model", ["tiny", "sd15"])
+@pytest.mark.parametrize("n, s", [(n, s) for n in (1, 2, 3, 4) for s in (1, 2)])
+def test_every_component_count_and_stride_loads(model, n, s, tmp_path):
+    """Repositories for N = 1..4 and S = 1, 2 load in a real tritonserver with every model READY
+    (parity is checked by test_onnx.py, so these exports skip it)."""
+    if model == "tiny" and not HAVE_TINY:
+        pytest.skip("asyncdiff/tiny/model is not there yet")
+    out = tmp_path / "repo"
+    assert export(out, "--model", model, "--components", str(n), "--stride", str(s),
+                  "--no-validate") == 0
+    models = sorted(repo_mod.read_configs(out))
+    assert {f"unet_part_{k}" for k in range(n)} <= set(models)
+    with TritonServer(out, log_file=tmp_path / "server.log") as server:
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            assert {m: client.is_model_ready(m) for m in models} == {m: True for m in models}

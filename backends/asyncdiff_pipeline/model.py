@@ -77,6 +77,7 @@ class TritonPythonModel:
             ("text_encoder", "text_encoder"), ("text_input", "input_ids"),
             ("text_output", "last_hidden_state"), ("vae_decoder", "vae_decoder"),
             ("vae_input", "latents"), ("vae_output", "image"))}
+        self.orphans = set()  # component calls that timed out but are still running in Triton
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
 
     async def execute(self, requests):
@@ -163,9 +164,14 @@ class TritonPythonModel:
     async def _infer(self, model, tensors, outputs):
         request = pb_utils.InferenceRequest(
             model_name=model, inputs=tensors, requested_output_names=outputs, **self.memory)
+        future = asyncio.ensure_future(request.async_exec())
         try:
-            response = await asyncio.wait_for(request.async_exec(), self.timeout_s)
+            # shield: a timed-out call is not cancelled. Cancelling a BLS future that Triton
+            # still owns crashed the server (Signal 11) once its model was later unloaded.
+            response = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except asyncio.TimeoutError:
+            self.orphans.add(future)  # keep it alive until Triton answers, then drop it
+            future.add_done_callback(self.orphans.discard)
             raise ComponentError(f"model '{model}' did not answer within {self.timeout_s:g} s")
         if response.has_error():
             raise ComponentError(f"model '{model}' failed: {response.error().message()}")

@@ -115,7 +115,8 @@ class TritonPythonModel:
     async def _generate(self, req: Request):
         scheduler = make_scheduler(req.scheduler, self.scheduler_config)
         scheduler.set_timesteps(req.steps, device=self.device)
-        text = await self._encode(req)
+        # Built once per request: every component call of every step reuses this tensor.
+        text = _from_torch("encoder_hidden_states", await self._encode(req))
         plan = make_plan(req.steps, self.partition.num_components, self.partition.stride, req.warmup)
         cache = ActivationCache(self.partition, plan)
         latents = initial_latents(req.seed, self.latent_shape, scheduler.init_noise_sigma)
@@ -142,9 +143,8 @@ class TritonPythonModel:
         out = await self._infer(self.names["vae_decoder"], [z], [self.names["vae_output"]])
         return to_uint8_image(_to_torch(out[self.names["vae_output"]], torch.device("cpu")))
 
-    async def _noise_pred(self, cache, step, model_input, text, timesteps):
+    async def _noise_pred(self, cache, step, model_input, text_in, timesteps):
         sample = _from_torch("sample", model_input)
-        text_in = _from_torch("encoder_hidden_states", text)
         for wave in cache.waves(step):
             outs = await asyncio.gather(*(
                 self._component(cache, step, call, sample, text_in, timesteps) for _, call in wave))

@@ -1,0 +1,235 @@
+"""The serving contract of the ``asyncdiff`` Triton model: its inputs, outputs and parameters.
+
+Torch-free (numpy only), so the client imports it without torch. Export writes
+the model config from it, the BLS parses requests and reads its parameters
+with it, the client builds requests from it. No other file spells an input
+name, a default or an allowed range.
+
+* ``INPUTS`` / ``OUTPUTS``: name, Triton dtype, dims; an input also has its
+  ``Request`` field, default and the check that names the allowed range.
+* ``Request``: one generation's values, parsed from the inputs and validated
+  before any expensive work.
+* ``PipelineParams``: everything export writes into the pipeline model's
+  ``parameters`` and the BLS reads back (model and tensor names of the
+  networks it calls, files in its version folder, request defaults, the
+  component timeout, the served dtype of the tensors it sends and receives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MODEL_NAME = "asyncdiff"
+PIPELINE_BACKEND = "asyncdiff_pipeline"
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+
+# Triton wire dtype (tritonclient's names) -> numpy dtype
+NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32,
+                "FP16": np.float16, "UINT8": np.uint8}
+
+
+@dataclass(frozen=True)
+class IOField:
+    """One input or output of the ``asyncdiff`` model (dims without a batch dim)."""
+
+    name: str
+    dtype: str  # Triton wire dtype: BYTES, INT64, INT32, FP32, UINT8
+    dims: tuple[int, ...]
+    field: str | None = None  # the Request attribute an input fills
+    required: bool = False
+    allowed: str = ""  # human text of the allowed values, used in errors and docs
+
+    @property
+    def numpy_dtype(self):
+        return NUMPY_DTYPES[self.dtype]
+
+    def parse(self, array: np.ndarray) -> Any:
+        """The Python value of a [1]-shaped input; ValueError names the field."""
+        array = np.asarray(array)
+        if array.size != 1:
+            raise ValueError(f"{self.name} must hold exactly one element, got shape {list(array.shape)}")
+        value = array.reshape(-1)[0]
+        if self.dtype == "BYTES":
+            if isinstance(value, bytes):
+                try:
+                    return value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{self.name} must be valid UTF-8") from None
+            return str(value)
+        if self.dtype == "FP32":
+            return float(value)
+        return int(value)
+
+    def encode(self, value: Any) -> np.ndarray:
+        """A Python value -> the [1]-shaped array a client sends (BYTES as UTF-8)."""
+        if self.dtype == "BYTES":
+            return np.array([str(value).encode("utf-8")], dtype=np.object_)
+        return np.array([value], dtype=self.numpy_dtype)
+
+
+INPUTS: tuple[IOField, ...] = (
+    IOField("PROMPT", "BYTES", (1,), "prompt", True,
+            "non-empty UTF-8, at most the text encoder's token limit incl. start/end"),
+    IOField("NEGATIVE_PROMPT", "BYTES", (1,), "negative_prompt", allowed="UTF-8, may be empty"),
+    IOField("SEED", "INT64", (1,), "seed", allowed=f"0 ... {MAX_SEED}"),
+    IOField("STEPS", "INT32", (1,), "steps", allowed=f"1 ... {MAX_STEPS}"),
+    IOField("GUIDANCE_SCALE", "FP32", (1,), "guidance_scale", allowed="finite, >= 0"),
+    IOField("WARMUP", "INT32", (1,), "warmup", allowed="1 ... STEPS-1 (1 when STEPS = 1)"),
+    IOField("SCHEDULER", "BYTES", (1,), "scheduler", allowed=" | ".join(SCHEDULERS)),
+)
+OUTPUTS: tuple[IOField, ...] = (
+    IOField("IMAGE", "UINT8", (-1, -1, 3), allowed="[H, W, 3]"),
+    IOField("LATENTS", "FP32", (-1, -1, -1), allowed="[C, h, w] final latents, before the VAE"),
+)
+INPUT_BY_NAME = {f.name: f for f in INPUTS}
+INPUT_BY_FIELD = {f.field: f for f in INPUTS}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation's values. Defaults here are the contract's; export may override them."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 3.0
+    warmup: int = 1
+    scheduler: str = "ddim"
+
+    def validate(self) -> "Request":
+        """Raise ValueError naming the field and its allowed range; returns self."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("PROMPT must be a non-empty UTF-8 string")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError("NEGATIVE_PROMPT must be a UTF-8 string")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"SEED must be in [0, {MAX_SEED}], got {self.seed}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"STEPS must be in [1, {MAX_STEPS}], got {self.steps}")
+        top = max(1, self.steps - 1)
+        if not 1 <= self.warmup <= top:
+            raise ValueError(f"WARMUP must be in [1, {top}] (1 <= WARMUP < STEPS), got {self.warmup}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"GUIDANCE_SCALE must be a finite number >= 0, got {self.guidance_scale}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+        return self
+
+    @classmethod
+    def from_inputs(cls, get: Callable[[str], np.ndarray | None], defaults: "Request") -> "Request":
+        """Parse and validate a request; ``get(name)`` returns an input's array or None."""
+        values = {}
+        for f in INPUTS:
+            array = get(f.name)
+            if array is None:
+                if f.required:
+                    raise ValueError(f"{f.name} is required")
+                continue
+            values[f.field] = f.parse(array)
+        return dataclasses.replace(defaults, **values).validate()
+
+    def to_inputs(self, only: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Input name -> array, for the fields in ``only`` (default: all)."""
+        names = only if only is not None else tuple(f.field for f in INPUTS)
+        return {INPUT_BY_FIELD[n].name: INPUT_BY_FIELD[n].encode(getattr(self, n)) for n in names}
+
+
+def token_limit_message(name: str, tokens: int, limit: int) -> str:
+    return f"{name} is {tokens} tokens including start/end; the limit is {limit}: shorten it"
+
+
+# -- pipeline model parameters ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NetworkNames:
+    """A network model the BLS calls: its Triton model name and tensor names."""
+
+    model: str
+    input: str
+    output: str
+
+
+# Parameters of the pipeline config that Triton's python backend reads itself (not ours).
+TRITON_PARAMETERS = ("FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH")
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """What export writes into the ``asyncdiff`` model's parameters and the BLS reads.
+
+    Every field is written and every field is read; ``to_parameters`` /
+    ``from_parameters`` round-trip exactly.
+    """
+
+    component_models: tuple[str, ...]
+    latent_shape: tuple[int, int, int]  # [C, h, w] of one latent
+    image_shape: tuple[int, int, int]  # [H, W, 3]
+    vae_scaling_factor: float
+    text_encoder: NetworkNames = NetworkNames("text_encoder", "input_ids", "last_hidden_state")
+    vae_decoder: NetworkNames = NetworkNames("vae_decoder", "latents", "image")
+    defaults: Request = field(default_factory=Request)
+    partition_file: str = "partition.json"
+    scheduler_config_file: str = "scheduler/scheduler_config.json"
+    tokenizer_dir: str = "tokenizer"
+    component_timeout_s: float = 120.0
+    device: str = "cpu"  # where the BLS keeps latents and runs the scheduler
+    # Served dtype of every tensor the BLS sends or receives, by tensor name.
+    dtypes: Mapping[str, str] = field(default_factory=lambda: {
+        "sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32",
+        "noise_pred": "float32", "input_ids": "int64", "last_hidden_state": "float32",
+        "latents": "float32", "image": "float32"})
+
+    def to_parameters(self) -> dict[str, str]:
+        """Flat string parameters for ``config.pbtxt`` (JSON values, plain strings as is)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "defaults":
+                for k, v in dataclasses.asdict(value).items():
+                    if k != "prompt":
+                        out[f"default_{k}"] = v if isinstance(v, str) else json.dumps(v)
+            elif isinstance(value, NetworkNames):
+                out[f.name] = json.dumps(dataclasses.asdict(value))
+            elif isinstance(value, str):
+                out[f.name] = value
+            else:
+                out[f.name] = json.dumps(value if not isinstance(value, Mapping) else dict(value))
+        return out
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> "PipelineParams":
+        """Inverse of ``to_parameters``; an unknown or missing key is an error."""
+        params = {k: v for k, v in params.items() if k not in TRITON_PARAMETERS}
+        defaults, values = {}, {}
+        request_fields = {f.name: f for f in dataclasses.fields(Request)}
+        for key, raw in params.items():
+            if key.startswith("default_") and key[8:] in request_fields:
+                name = key[8:]
+                defaults[name] = raw if request_fields[name].type in ("str", str) else json.loads(raw)
+                continue
+            f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+            if f is None or f.name == "defaults":
+                raise ValueError(f"pipeline parameter {key!r} is not part of the contract")
+            if f.type in ("str", str):
+                values[key] = raw
+            elif f.type in ("NetworkNames", NetworkNames):
+                values[key] = NetworkNames(**json.loads(raw))
+            else:
+                value = json.loads(raw)
+                values[key] = tuple(value) if isinstance(value, list) else value
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in values and f.name != "defaults"
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"pipeline parameters missing: {missing}")
+        return cls(defaults=Request(**defaults), **values)

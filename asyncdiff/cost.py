@@ -1,0 +1,110 @@
+"""The cost model: projected speedup of a plan on a placement. The only "ideal speedup" formula.
+
+Pure Python. Sequential time is T steps of one full denoiser call. The
+AsyncDiff run is replayed step by step on the placement:
+
+* warm-up step: the components run one after another on their devices, so it
+  costs one full denoiser call (``denoiser_cost``, default: the sum of the
+  component costs) plus every cut's transfer (``transfer_cost``);
+* compute round: every device runs its calls of the round at once; the round
+  costs the busiest device (a device running both stride timesteps as one
+  doubled batch counts the component twice) plus ``transfer_cost``, the
+  critical per-round communication;
+* communication-only step (S=2): free.
+
+    speedup = T * denoiser_cost / sum(step costs)
+
+With ``balanced(N)`` costs and no transfer cost this is the textbook ideal
+(e.g. N2S1, T=20, w=1: 20 / (1 + 19/2) = 1.90x). With a partition's cost
+shares it is the ideal of that cut; with measured times and transfers it is
+the projection of a real machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from asyncdiff.placement import Placement
+from asyncdiff.schedule import Plan, make_plan
+
+
+@dataclass(frozen=True)
+class Projection:
+    sequential: float  # T * denoiser cost
+    asynchronous: float  # the plan's projected time, same unit
+    warmup_steps: int
+    rounds: int
+    round_cost: float  # busiest device of a compute round, transfer included
+    speedup: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def balanced(n: int, batched_stride: bool = False) -> list[float]:
+    """The best cut's component costs (summing to one denoiser call).
+
+    Equal shares; with batched stride the last component runs twice per round,
+    so the best cut gives it half the share of the others.
+    """
+    if not batched_stride or n == 1:
+        return [1.0 / n] * n
+    return [2.0 / (2 * n - 1)] * (n - 1) + [1.0 / (2 * n - 1)]
+
+
+def project(plan: Plan, placement: Placement, component_costs: Sequence[float],
+            transfer_cost: float = 0.0, denoiser_cost: float | None = None) -> Projection:
+    """Replay ``plan`` on ``placement`` with per-component and per-round transfer costs."""
+    if len(component_costs) != plan.components or placement.components != plan.components:
+        raise ValueError(f"plan has {plan.components} components, placement "
+                         f"{placement.components}, costs {len(component_costs)}")
+    if any(c < 0 for c in component_costs) or transfer_cost < 0:
+        raise ValueError("costs must be >= 0")
+    full = sum(component_costs) if denoiser_cost is None else denoiser_cost
+    total, warm, rounds, round_cost = 0.0, 0, 0, 0.0
+    for step in plan.steps:
+        if step.mode == "warmup":
+            warm += 1
+            cuts = plan.components - 1
+            total += full + (transfer_cost if cuts else 0.0)
+        elif step.mode == "compute":
+            rounds += 1
+            load: dict[int, float] = {}
+            for pos, call in enumerate(step.calls):
+                rank = placement.rank_of(step, pos)
+                load[rank] = load.get(rank, 0.0) + component_costs[call.component]
+            round_cost = max(load.values()) + transfer_cost
+            total += round_cost
+    sequential = plan.steps_total * full
+    return Projection(sequential, total, warm, rounds, round_cost,
+                      sequential / total if total else float("inf"))
+
+
+def projected_speedup(plan: Plan, placement: Placement, component_costs: Sequence[float],
+                      transfer_cost: float = 0.0, denoiser_cost: float | None = None) -> float:
+    return project(plan, placement, component_costs, transfer_cost, denoiser_cost).speedup
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m asyncdiff.cost",
+                                description="Projected AsyncDiff speedup (balanced components).")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--components", type=int, required=True)
+    p.add_argument("--stride", type=int, default=1, choices=(1, 2))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batched-stride", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        plan = make_plan(a.steps, a.components, a.stride, a.warmup)
+        place = Placement(a.components, a.stride, a.batched_stride)
+    except ValueError as e:
+        p.error(str(e))
+    print(json.dumps({"placement": place.to_json(),
+                      "projection": project(plan, place, balanced(a.components, a.batched_stride)).to_json()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Placement: which device runs which component call, for (N, S, batched stride, GPU list).
+
+Pure Python (no torch). Every executor and deployment tool asks this module, so
+"how many devices" and "where does the stride copy run" are decided once:
+
+* component k runs on device (rank) k;
+* plain stride 2 (S=2, N>1, no batched stride) adds device N, which runs the
+  second copy of the last component (its tau_i call) beside device N-1;
+* batched stride keeps N devices: the last device runs both timesteps of a
+  round as one doubled batch;
+* the pipeline (latents, scheduler, text encoder, VAE) lives with component 0.
+
+A *rank* is a device position 0..world_size-1; ``gpus`` maps ranks to CUDA
+device ids (``None``: CPU, one process or instance per rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asyncdiff.schedule import Step
+
+
+@dataclass(frozen=True)
+class Placement:
+    components: int
+    stride: int = 1
+    batched_stride: bool = False
+    gpus: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.components < 1:
+            raise ValueError(f"components must be >= 1, got {self.components}")
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {self.stride}")
+        if self.batched_stride and self.stride != 2:
+            raise ValueError("batched_stride only applies to stride 2")
+        if self.gpus is not None:
+            object.__setattr__(self, "gpus", tuple(int(g) for g in self.gpus))
+            if len(self.gpus) != self.world_size:
+                raise ValueError(self._count_message(len(self.gpus), "GPUs are listed"))
+            if len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"gpus must be distinct, got {list(self.gpus)}")
+
+    @classmethod
+    def for_devices(cls, components: int, stride: int, batched_stride: bool,
+                    gpus: list[int] | tuple[int, ...] | None) -> "Placement":
+        """Same as the constructor; reads better where ``gpus`` comes from a flag."""
+        return cls(components, stride, batched_stride, None if gpus is None else tuple(gpus))
+
+    # -- devices -------------------------------------------------------------
+    @property
+    def stride_device(self) -> bool:
+        """True when plain stride 2 adds a device for the last component's second call."""
+        return self.stride == 2 and not self.batched_stride and self.components > 1
+
+    @property
+    def world_size(self) -> int:
+        """Devices (ranks, GPUs, CPU processes) this placement needs."""
+        return self.components + int(self.stride_device)
+
+    def check_world(self, available: int, what: str = "devices") -> None:
+        """Raise the one message for a device count that does not fit."""
+        if available != self.world_size:
+            raise ValueError(self._count_message(available, f"{what} are available"))
+
+    def _count_message(self, got: int, verb: str) -> str:
+        why = (" (plain stride 2 adds one device for the last component's second call; "
+               "use batched stride to stay on N)" if self.stride_device else "")
+        return (f"N={self.components} S={self.stride}"
+                f"{' batched-stride' if self.batched_stride else ''} needs {self.world_size} "
+                f"devices{why}; {got} {verb}")
+
+    def device(self, rank: int) -> str:
+        """torch device string of a rank."""
+        return "cpu" if self.gpus is None else f"cuda:{self.gpus[rank]}"
+
+    # -- components ----------------------------------------------------------
+    def component_ranks(self, k: int) -> tuple[int, ...]:
+        """Ranks holding an instance of component k (the last one twice with plain S=2)."""
+        if not 0 <= k < self.components:
+            raise ValueError(f"component must be in [0, {self.components - 1}], got {k}")
+        if k == self.components - 1 and self.stride_device:
+            return (k, self.components)
+        return (k,)
+
+    def instance_gpus(self, k: int) -> tuple[int, ...]:
+        """CUDA ids of component k's instances; empty on the CPU."""
+        return () if self.gpus is None else tuple(self.gpus[r] for r in self.component_ranks(k))
+
+    def instance_count(self, k: int) -> int:
+        return len(self.component_ranks(k))
+
+    @property
+    def pipeline_rank(self) -> int:
+        """Where latents, scheduler, text encoder and VAE live: beside component 0."""
+        return 0
+
+    @property
+    def pipeline_gpu(self) -> int | None:
+        return None if self.gpus is None else self.gpus[self.pipeline_rank]
+
+    # -- calls ---------------------------------------------------------------
+    def rank_of(self, step: "Step", position: int) -> int:
+        """Rank that executes call ``position`` of ``step``."""
+        call = step.calls[position]
+        if step.stride_copy and position == len(step.calls) - 1:
+            return call.component if self.batched_stride else self.components
+        return call.component
+
+    def to_json(self) -> dict:
+        return {"components": self.components, "stride": self.stride,
+                "batched_stride": self.batched_stride, "world_size": self.world_size,
+                "gpus": None if self.gpus is None else list(self.gpus),
+                "ranks": [list(self.component_ranks(k)) for k in range(self.components)]}

@@ -10,7 +10,7 @@ PROMPT ?= a handwritten digit 7
 OUT ?= digit.png
 PYTEST_ARGS ?=
 
-.PHONY: install repository serve demo test
+.PHONY: install repository serve demo test gpu-check
 
 install: $(STAMP)
 
@@ -34,3 +34,8 @@ demo: repository
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# One NVIDIA GPU with torch+CUDA, nothing downloaded: carried wheels (.whl/), then the GPU
+# benchmark (<= 5 min). GPU_CHECK_ARGS="--device cpu --quick" is the CPU smoke run.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)

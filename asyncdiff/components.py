@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from asyncdiff.partition import FINAL_STAGE, NOISE_PRED, ComponentSpec, Partition
-from asyncdiff.stages import StageGraph, build_stage_graph
+from asyncdiff.stages import StageGraph, build_stage_graph, run_stages
 
 WEIGHTS_FILE = "component.safetensors"
 SPEC_FILE = "component.json"
@@ -30,23 +30,11 @@ class Component(nn.Module):
         self.input_names = spec.input_names
         self.output_names = spec.output_names
         self.stages = nn.ModuleList([graph.stages[graph.index(n)] for n in spec.stages])
-        self._prev = {n: (graph.names[graph.index(n) - 1] if graph.index(n) else "sample")
-                      for n in spec.stages}
         needs_temb = any(s.needs_temb for s in self.stages)
         self.time_embedding = graph.time_embedding if needs_temb else None
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        env = dict(zip(self.input_names, inputs))
-        temb = None
-        if self.time_embedding is not None:
-            # inputs[0] is the latent or a hidden state: it carries the compute dtype.
-            temb = self.time_embedding(
-                env["timestep"], inputs[0].dtype, env.get("text_embeds"), env.get("time_ids")
-            )
-        text = env.get("encoder_hidden_states")
-        for stage in self.stages:
-            skip = env[stage.skip] if stage.skip else None
-            env[stage.name] = stage(env[self._prev[stage.name]], skip, temb, text)
+        env = run_stages(self.stages, self.time_embedding, dict(zip(self.input_names, inputs)))
         return tuple(env[FINAL_STAGE if n == NOISE_PRED else n] for n in self.output_names)
 
     def run(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

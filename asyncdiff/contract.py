@@ -17,6 +17,7 @@ name, a default or an allowed range.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -144,6 +145,22 @@ class Request:
         return {INPUT_BY_FIELD[n].name: INPUT_BY_FIELD[n].encode(getattr(self, n)) for n in names}
 
 
+def add_request_arguments(parser: argparse.ArgumentParser, defaults: Request | None) -> None:
+    """One ``--<field>`` option per optional input (``--guidance-scale`` for GUIDANCE_SCALE).
+
+    ``defaults=None`` (client): an option left out stays None and is not sent.
+    Values are checked by ``Request.validate`` (or the server), which names the range.
+    """
+    for f in INPUTS:
+        if f.required:
+            continue
+        parser.add_argument(f"--{f.field.replace('_', '-')}", dest=f.field,
+                            type={"BYTES": str, "FP32": float}.get(f.dtype, int),
+                            default=None if defaults is None else getattr(defaults, f.field),
+                            help=f"{f.name}: {f.allowed}"
+                            + ("" if defaults is None else " (default: %(default)r)"))
+
+
 def token_limit_message(name: str, tokens: int, limit: int) -> str:
     return f"{name} is {tokens} tokens including start/end; the limit is {limit}: shorten it"
 
@@ -158,6 +175,10 @@ class NetworkNames:
     input: str
     output: str
 
+
+# The networks the BLS calls besides the components (export names the models and graph tensors so).
+TEXT_ENCODER = NetworkNames("text_encoder", "input_ids", "last_hidden_state")
+VAE_DECODER = NetworkNames("vae_decoder", "latents", "image")
 
 # Parameters of the pipeline config that Triton's python backend reads itself (not ours).
 TRITON_PARAMETERS = ("FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH")
@@ -175,8 +196,8 @@ class PipelineParams:
     latent_shape: tuple[int, int, int]  # [C, h, w] of one latent
     image_shape: tuple[int, int, int]  # [H, W, 3]
     vae_scaling_factor: float
-    text_encoder: NetworkNames = NetworkNames("text_encoder", "input_ids", "last_hidden_state")
-    vae_decoder: NetworkNames = NetworkNames("vae_decoder", "latents", "image")
+    text_encoder: NetworkNames = TEXT_ENCODER
+    vae_decoder: NetworkNames = VAE_DECODER
     defaults: Request = field(default_factory=Request)
     partition_file: str = "partition.json"
     scheduler_config_file: str = "scheduler/scheduler_config.json"

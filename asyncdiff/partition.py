@@ -17,9 +17,12 @@ need them; its outputs are the stage outputs other components consume, and
 ``noise_pred`` for the component holding ``conv_out``.  Tensor names are the
 names of the stages that produce them (see ``asyncdiff.stages``).
 
+``cuts`` (stage names) replace the balancer to reproduce a given split.
+
 CLI::
 
     python -m asyncdiff.partition --model sd21-full --components 3 --height 768 --width 768
+    python -m asyncdiff.partition --model sd21-full --cuts mid,up3_0   # the AsyncDiff N=3 split
 """
 
 from __future__ import annotations
@@ -98,15 +101,18 @@ class Partition:
     components: list[ComponentSpec] = field(default_factory=list)
 
     # -- queries -----------------------------------------------------------
-    def owner(self, stage: str) -> int:
-        for comp in self.components:
-            if stage in comp.stages:
-                return comp.index
-        raise KeyError(stage)
-
     @property
     def total_cost(self) -> float:
         return sum(self.stage_costs)
+
+    @property
+    def cuts(self) -> list[str]:
+        """The ``cuts`` that rebuild this partition (see ``assign_cuts``)."""
+        return [self.stage_names[i] for i in range(1, len(self.stage_names))
+                if self._owner(i) != self._owner(i - 1)]
+
+    def _owner(self, i: int) -> int:
+        return next(c.index for c in self.components if self.stage_names[i] in c.stages)
 
     def cost_share(self, k: int) -> float:
         return self.components[k].cost / self.total_cost if self.total_cost else 0.0
@@ -190,13 +196,44 @@ def assign_outer_ring(costs: list[float], n: int, last_weight: float = 1.0) -> l
     return best_parts
 
 
+def assign_cuts(names: list[str], cuts: list[str], layout: str = "sequential") -> list[list[int]]:
+    """Stage indices per component from explicit cut points.
+
+    ``cuts`` name the stages where a new run of stages starts, in stage order; they split the
+    stages into ``len(cuts) + 1`` runs. ``sequential``: run k is component k (N = len(cuts) + 1).
+    ``outer_ring``: the first and the last run form the last component and the runs between are
+    components 0..N-2 (N = len(cuts)).
+    """
+    where = {n: i for i, n in enumerate(names)}
+    unknown = [c for c in cuts if c not in where]
+    if unknown:
+        raise ValueError(f"cuts: {', '.join(map(repr, unknown))} is not a stage; stages: "
+                         f"{', '.join(names)}")
+    idx = [where[c] for c in cuts]
+    if idx and idx[0] == 0:
+        raise ValueError(f"cuts: {names[0]!r} is the first stage; a cut starts the second or a "
+                         f"later run, so it must be one of {', '.join(names[1:])}")
+    for a, b in zip(cuts, cuts[1:]):
+        if where[b] <= where[a]:
+            raise ValueError(f"cuts must be strictly increasing in stage order: {b!r} comes at or "
+                             f"before {a!r} (order: {', '.join(names)})")
+    bounds = [0, *idx, len(names)]
+    runs = [list(range(bounds[k], bounds[k + 1])) for k in range(len(bounds) - 1)]
+    if layout == "sequential":
+        return runs
+    if len(runs) < 3:
+        raise ValueError(f"outer_ring needs at least 2 cuts (where the middle starts and where "
+                         f"the ring resumes), got {len(cuts)}")
+    return [*runs[1:-1], runs[0] + runs[-1]]
+
+
 # -- interfaces -------------------------------------------------------------
 
 def build_partition(
     profile: StageProfile,
     skips: dict[str, str],
     needs: dict[str, tuple[bool, bool]],
-    num_components: int,
+    num_components: int | None,
     *,
     model: str,
     stride: int = 1,
@@ -204,18 +241,28 @@ def build_partition(
     batched_stride: bool = False,
     text_time: bool = False,
     assignment: list[list[int]] | None = None,
+    cuts: list[str] | None = None,
 ) -> Partition:
     """Balance ``profile``'s stages into components and derive every component's interface.
 
-    ``needs[stage] = (needs_temb, needs_text)``.  ``assignment`` (stage indices per component)
-    overrides the balancer, e.g. to reproduce a hand-written partition.
+    ``needs[stage] = (needs_temb, needs_text)``.  ``cuts`` (stage names, see ``assign_cuts``)
+    or ``assignment`` (stage indices per component) override the balancer, e.g. to reproduce
+    a published split.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride}")
     weight = 2.0 if (stride == 2 and batched_stride) else 1.0
+    if cuts is not None:
+        assignment = assign_cuts(profile.names, list(cuts), layout)
+        if num_components is not None and num_components != len(assignment):
+            raise ValueError(
+                f"components={num_components} disagrees with cuts {','.join(cuts)}: "
+                f"{len(cuts)} cuts make {len(assignment)} components with layout {layout}")
     if assignment is None:
+        if num_components is None:
+            raise ValueError("give the number of components or cuts")
         assign = assign_outer_ring if layout == "outer_ring" else assign_sequential
         assignment = assign(profile.costs, num_components, weight)
     names = profile.names
@@ -274,7 +321,7 @@ def _outputs(k, stages, names, skips, owner, profile) -> list[TensorSpec]:
 
 def partition_unet(
     unet,
-    num_components: int,
+    num_components: int | None,
     *,
     model: str,
     batch: int = 2,
@@ -284,8 +331,10 @@ def partition_unet(
     stride: int = 1,
     layout: str = "sequential",
     batched_stride: bool = False,
+    cuts: list[str] | None = None,
 ) -> Partition:
-    """Profile ``unet`` at the latent size (default: its sample_size) and partition it."""
+    """Profile ``unet`` at the latent size (default: its sample_size) and partition it:
+    balanced, or at the stage names ``cuts`` (``num_components`` may then be None)."""
     import torch
 
     from asyncdiff.profile import profile_stages
@@ -305,20 +354,32 @@ def partition_unet(
     needs = {s.name: (s.needs_temb, s.needs_text) for s in graph.stages}
     return build_partition(
         profile, graph.skips(), needs, num_components, model=model, stride=stride,
-        layout=layout, batched_stride=batched_stride, text_time=graph.text_time,
+        layout=layout, batched_stride=batched_stride, text_time=graph.text_time, cuts=cuts,
     )
 
 
 # -- CLI --------------------------------------------------------------------
 
-def describe(part: Partition) -> str:
-    """A human-readable table: cost share and interface tensors per component."""
+def projection(part: Partition, steps: int = 50, warmup: int = 1):
+    """The cost model's ideal for this cut: its cost shares, free communication."""
+    from asyncdiff.cost import project
+    from asyncdiff.placement import Placement
+    from asyncdiff.schedule import make_plan
+
+    plan = make_plan(steps, part.num_components, part.stride, warmup)
+    place = Placement(part.num_components, part.stride, part.batched_stride)
+    return project(plan, place, [c.cost for c in part.components])
+
+
+def describe(part: Partition, steps: int = 50, warmup: int = 1) -> str:
+    """A human-readable table: cost share and interface tensors per component, the traffic per
+    round and the projected speedup of ``steps`` steps with ``warmup`` warm-up steps."""
     unit = "GFLOP" if part.cost_metric == "flops" else "ms"
     scale = 1e-9 if part.cost_metric == "flops" else 1e3
     lines = [
         f"model={part.model} N={part.num_components} S={part.stride} layout={part.layout} "
         f"batch={part.batch} latent={part.latent_height}x{part.latent_width} "
-        f"cost={part.cost_metric}",
+        f"cost={part.cost_metric} cuts={','.join(part.cuts)}",
     ]
     for c in part.components:
         lines.append(
@@ -333,9 +394,13 @@ def describe(part: Partition) -> str:
                     f"{t.numel * 4 / 1e6:8.3f} MB fp32{src}"
                 )
     ideal = max(part.cost_share(k) for k in range(part.num_components))
+    proj = projection(part, steps, warmup)
     lines.append(
         f"\nlargest component {100 * ideal:.1f}% of the UNet; "
         f"cross-cut traffic per round {part.cross_bytes() / 1e6:.3f} MB fp32"
+        f"\nprojected speedup {proj.speedup:.2f}x for T={steps} w={warmup} "
+        f"({proj.warmup_steps} warm-up steps, {proj.rounds} rounds): the ideal with this cut's "
+        f"{part.cost_metric} shares and free communication (asyncdiff.cost)"
     )
     return "\n".join(lines)
 
@@ -345,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m asyncdiff.partition", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help=f"UNet/pipeline folder or one of {builtin_names()}")
-    p.add_argument("--components", type=int, required=True)
+    p.add_argument("--components", type=int, help="N (required unless --cuts gives it)")
+    p.add_argument("--cuts", type=lambda v: [c for c in v.split(",") if c],
+                   help="comma-separated stage names where components 1..N-1 start "
+                        "(outer_ring: where the middle starts, ..., where the ring resumes)")
     p.add_argument("--stride", type=int, default=1, choices=(1, 2))
     p.add_argument("--batched-stride", action="store_true", help="S=2 on N devices (balance last x2)")
     p.add_argument("--layout", default="sequential", choices=LAYOUTS)
@@ -353,8 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one prompt with CFG)")
     p.add_argument("--cost", default="flops", choices=("flops", "time"))
+    p.add_argument("--steps", type=int, default=50, help="denoising steps T of the projection")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps w of the projection")
     p.add_argument("--json", help="also write the partition JSON here")
     a = p.parse_args(argv)
+    if a.components is None and a.cuts is None:
+        p.error("give --components or --cuts")
     try:
         source = resolve(a.model)
         unet = load_unet(source, device="meta" if a.cost == "flops" else "cpu")
@@ -363,11 +435,12 @@ def main(argv: list[str] | None = None) -> None:
         w = a.width // source.vae_scale if a.width else size
         part = partition_unet(
             unet, a.components, model=a.model, batch=a.batch, height=h, width=w, metric=a.cost,
-            stride=a.stride, layout=a.layout, batched_stride=a.batched_stride,
+            stride=a.stride, layout=a.layout, batched_stride=a.batched_stride, cuts=a.cuts,
         )
+        text = describe(part, a.steps, a.warmup)
     except ValueError as e:
         p.error(str(e))
-    print(describe(part))
+    print(text)
     if a.json:
         part.save(a.json)
         print(f"wrote {a.json}")

@@ -1,142 +1,74 @@
-"""Text-to-image sampling with an AsyncDiff plan: the reference every executor is compared to.
+"""Text-to-image with an AsyncDiff plan in-process: the reference every executor is compared to.
 
-The pieces (request validation, tokenisation, seeded latents, schedulers,
-classifier-free guidance, decoding) are plain functions so that the Triton
-BLS model reuses them and only swaps how a step's components are executed.
+The request contract (``Request``, limits, schedulers) is ``asyncdiff.contract``;
+the generation loop (scheduler, plan, cache, latents, guidance) is
+``asyncdiff.generation``.  This module adds what a text-to-image front end
+needs around them: tokenisation, image conversion and the diffusers wrapper.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from asyncdiff.schedule import make_plan
-
-MAX_STEPS = 1000
-MAX_SEED = 2**63 - 1
-SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+from asyncdiff.contract import Request, token_limit_message
+from asyncdiff.generation import Generation, cfg_batch
 
 
-@dataclass
-class Request:
-    """One generation's parameters, with the server's defaults."""
+def token_ids(tokenizer, prompt: str, name: str = "PROMPT") -> np.ndarray:
+    """Padded token ids [1, max_length]; a prompt over the limit is rejected, not truncated.
 
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 25
-    guidance_scale: float = 3.0
-    warmup: int = 1
-    scheduler: str = "ddim"
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field and its allowed range."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("PROMPT must be a non-empty UTF-8 string")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"STEPS must be in [1, {MAX_STEPS}], got {self.steps}")
-        top = max(1, self.steps - 1)
-        if not 1 <= self.warmup <= top:
-            raise ValueError(f"WARMUP must be in [1, {top}] (1 <= WARMUP < STEPS), got {self.warmup}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"GUIDANCE_SCALE must be a finite number >= 0, got {self.guidance_scale}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"SEED must be in [0, {MAX_SEED}], got {self.seed}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
-
-
-def make_scheduler(name: str, config: dict):
-    """A fresh diffusers scheduler (they are stateful: one per generation)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {name!r}")
-
-
-def token_ids(tokenizer, prompt: str) -> np.ndarray:
-    """Padded token ids [1, max_length]; a prompt over the limit is rejected, not truncated."""
-    limit = tokenizer.model_max_length
-    n = len(tokenizer(prompt).input_ids)
-    if n > limit:
-        raise ValueError(
-            f"PROMPT is {n} tokens including start/end; the limit is {limit}: shorten it"
-        )
-    ids = tokenizer(prompt, padding="max_length", max_length=limit, truncation=True).input_ids
-    return np.asarray([ids], dtype=np.int64)
-
-
-def initial_latents(seed: int, shape: tuple[int, ...], init_noise_sigma: float) -> torch.Tensor:
-    """Seeded Gaussian latents (CPU generator: the same seed gives the same image anywhere)."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn(shape, generator=g, dtype=torch.float32) * init_noise_sigma
-
-
-def guide(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on a [uncond; cond] batch."""
-    uncond, cond = noise_pred.chunk(2)
-    return uncond + scale * (cond - uncond)
-
-
-def denoise_steps(scheduler, latents, guidance_scale: float):
-    """The sampling loop as a generator: yields ``(i, model_input)``, is sent the step's
-    [uncond; cond] noise prediction, and returns the final latents.
-
-    Sync (``denoise``) and async (the Triton BLS) drivers share it.
+    One tokenizer run: unpadded, counted, then padded here.
     """
-    for i, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise_pred = yield i, model_input
-        latents = scheduler.step(guide(noise_pred, guidance_scale), t, latents).prev_sample
-    return latents
+    limit = tokenizer.model_max_length
+    ids = tokenizer(prompt).input_ids
+    if len(ids) > limit:
+        raise ValueError(token_limit_message(name, len(ids), limit))
+    pad = tokenizer.pad_token_id
+    return np.asarray([ids + [pad] * (limit - len(ids))], dtype=np.int64)
 
 
-def denoise(scheduler, latents, guidance_scale: float, noise_pred_fn: Callable):
-    """Run ``denoise_steps`` with a synchronous ``noise_pred_fn(i, model_input)``."""
-    loop = denoise_steps(scheduler, latents, guidance_scale)
-    try:
-        request = next(loop)
-        while True:
-            request = loop.send(noise_pred_fn(*request))
-    except StopIteration as done:
-        return done.value
+def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
+    """VAE output [B, C, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (grey images are replicated)."""
+    img = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    if img.shape[-1] == 1:
+        img = img.expand(-1, -1, -1, 3)
+    return (img * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def to_uint8_image(decoded: torch.Tensor) -> np.ndarray:
-    """VAE output [1, C, H, W] in [-1, 1] -> [H, W, 3] uint8 (grey images are replicated)."""
-    img = (decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0)
-    if img.shape[-1] == 1:
-        img = img.expand(-1, -1, 3)
-    return (img * 255).round().to(torch.uint8).numpy()
+    """The first image of a VAE output as [H, W, 3] uint8."""
+    return to_uint8_images(decoded[:1])[0]
 
 
 class AsyncDiffPipeline:
-    """A diffusers Stable Diffusion pipeline whose UNet runs as an AsyncDiff plan in-process."""
+    """A diffusers Stable Diffusion pipeline whose UNet runs as an AsyncDiff plan in-process.
 
-    def __init__(self, sd_pipe, components: int = 2, stride: int = 1, *, layout="sequential",
-                 cost="flops", batch_stride: bool = False, latent_size: int | None = None):
+    ``cuts``: explicit cut points (stage names) instead of the balanced split;
+    ``components`` then defaults to what they make (otherwise to 2).
+    """
+
+    def __init__(self, sd_pipe, components: int | None = None, stride: int = 1, *,
+                 layout="sequential", cost="flops", batched_stride: bool = False,
+                 latent_size: int | None = None, cuts: Sequence[str] | None = None):
         from asyncdiff.components import build_components
         from asyncdiff.partition import partition_unet
         from asyncdiff.runners import LocalRunner
 
         self.sd = sd_pipe
+        self.batched_stride = batched_stride
         size = latent_size or sd_pipe.unet.config.sample_size
-        self.latent_shape = (1, sd_pipe.unet.config.in_channels, size, size)
+        if components is None and cuts is None:
+            components = 2
         self.partition = partition_unet(
             sd_pipe.unet, components, model="pipeline", batch=2, height=size, width=size,
-            metric=cost, stride=stride, layout=layout, batched_stride=batch_stride,
+            metric=cost, stride=stride, layout=layout, batched_stride=batched_stride,
+            cuts=None if cuts is None else list(cuts),
         )
-        self.runner = LocalRunner(build_components(sd_pipe.unet, self.partition), batch_stride)
+        self.runner = LocalRunner(build_components(sd_pipe.unet, self.partition))
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "tiny", **kwargs) -> "AsyncDiffPipeline":
@@ -151,32 +83,34 @@ class AsyncDiffPipeline:
     @torch.no_grad()
     def encode_text(self, prompt: str, negative_prompt: str) -> torch.Tensor:
         """[uncond; cond] text states, batch 2."""
-        ids = np.concatenate([token_ids(self.sd.tokenizer, p) for p in (negative_prompt, prompt)])
+        ids = np.concatenate([token_ids(self.sd.tokenizer, p, name) for p, name in (
+            (negative_prompt, "NEGATIVE_PROMPT"), (prompt, "PROMPT"))])
         return self.sd.text_encoder(torch.from_numpy(ids))[0]
 
-    @torch.no_grad()
-    def generate_latents(self, req: Request, time_shift: bool = False) -> torch.Tensor:
-        from asyncdiff.runners import ActivationCache
-
-        req.validate()
-        scheduler = make_scheduler(req.scheduler, self.sd.scheduler.config)
-        scheduler.set_timesteps(req.steps)
-        text = self.encode_text(req.prompt, req.negative_prompt)
-        plan = make_plan(req.steps, self.partition.num_components, self.partition.stride,
-                         req.warmup, time_shift)
-        cache = ActivationCache(self.partition, plan)
-        latents = initial_latents(req.seed, self.latent_shape, scheduler.init_noise_sigma)
-        cond = {"encoder_hidden_states": text}
-
-        def noise_pred(i, model_input):
-            return self.runner.noise_pred(cache, i, model_input, cond, scheduler.timesteps)
-
-        return denoise(scheduler, latents, req.guidance_scale, noise_pred)
+    def generation(self, reqs: Request | Sequence[Request], time_shift: bool = False) -> Generation:
+        """A validated Generation of one request or a lockstep batch of them."""
+        reqs = [reqs] if isinstance(reqs, Request) else list(reqs)
+        for r in reqs:
+            r.validate()
+        text = cfg_batch([self.encode_text(r.prompt, r.negative_prompt) for r in reqs])
+        return Generation(self.partition, reqs, {"encoder_hidden_states": text},
+                          self.sd.scheduler.config, time_shift=time_shift,
+                          batched_stride=self.batched_stride)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def generate_latents(self, reqs: Request | Sequence[Request], time_shift: bool = False) -> torch.Tensor:
+        """Final latents [B, C, h, w] (B = 1 for a single request)."""
+        return self.runner.generate(self.generation(reqs, time_shift))
+
+    @torch.no_grad()
+    def decode_images(self, latents: torch.Tensor) -> np.ndarray:
+        """[B, H, W, 3] uint8."""
         vae = self.sd.vae
-        return to_uint8_image(vae.decode(latents / vae.config.scaling_factor).sample)
+        return to_uint8_images(vae.decode(latents / vae.config.scaling_factor).sample)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """The first image, [H, W, 3] uint8."""
+        return self.decode_images(latents[:1])[0]
 
     def __call__(self, req: Request, time_shift: bool = False) -> np.ndarray:
         return self.decode(self.generate_latents(req, time_shift))

@@ -16,6 +16,9 @@ device ids (``None``: CPU, one process or instance per rank).
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +52,16 @@ class Placement:
                     gpus: list[int] | tuple[int, ...] | None) -> "Placement":
         """Same as the constructor; reads better where ``gpus`` comes from a flag."""
         return cls(components, stride, batched_stride, None if gpus is None else tuple(gpus))
+
+    @classmethod
+    def fit(cls, gpus: list[int] | tuple[int, ...], stride: int, components: int | None = None,
+            batched_stride: bool | None = None) -> "Placement":
+        """A placement for the GPUs at hand: N defaults to one component per GPU, and
+        ``batched_stride=None`` picks batched stride when S=2 would otherwise need N+1 GPUs."""
+        n = len(gpus) if components is None else components
+        if batched_stride is None:
+            batched_stride = stride == 2 and len(gpus) == n
+        return cls(n, stride, batched_stride, tuple(gpus))
 
     # -- devices -------------------------------------------------------------
     @property
@@ -115,3 +128,32 @@ class Placement:
                 "batched_stride": self.batched_stride, "world_size": self.world_size,
                 "gpus": None if self.gpus is None else list(self.gpus),
                 "ranks": [list(self.component_ranks(k)) for k in range(self.components)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m asyncdiff.placement --gpus 0,1 --stride 2``: the fitted placement as JSON,
+    or (``--export-args``) as ``python -m export`` flags; exit 2 with the one message."""
+    p = argparse.ArgumentParser(prog="python -m asyncdiff.placement", description=main.__doc__)
+    p.add_argument("--gpus", required=True, help="comma-separated CUDA ids available")
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--components", type=int, help="N (default: one per GPU)")
+    p.add_argument("--batched-stride", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--export-args", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        place = Placement.fit([int(g) for g in a.gpus.split(",") if g.strip()], a.stride,
+                              a.components, None if a.batched_stride == "auto"
+                              else a.batched_stride == "yes")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.export_args:
+        print(f"--components {place.components} --stride {place.stride} --gpus "
+              f"{','.join(map(str, place.gpus))}{' --batched-stride' if place.batched_stride else ''}")
+    else:
+        print(json.dumps(place.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,11 @@ Stage names (they are also the names of the tensors the stages produce)::
 
 The skip stack is LIFO exactly as in diffusers: ``up{b}_{j}`` pops the most
 recent unpopped push.  ``Stage.skip`` names the stage whose output it pops, so
-every skip connection of the UNet is visible in ``StageGraph.skips()``.
+every skip connection of the UNet is visible in ``StageGraph.skips()``;
+``Stage.prev`` names the tensor it continues from (``sample`` for ``conv_in``).
+With both inputs named, ``run_stages`` -- the one stage loop, used by the
+graph, the components, the profiler and export -- reads every input from and
+writes every output to one dict of named tensors.
 
 The time embedding (timestep projection, MLP and SDXL's ``text_time`` added
 conditioning) is not a stage: it is small, so every component recomputes it
@@ -21,6 +25,7 @@ from ``timestep`` (+ ``text_embeds``, ``time_ids``) rather than receiving it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +69,15 @@ class Stage(nn.Module):
         self.name = name
         self.skip = skip  # name of the stage whose output this one pops
         self.pushes = pushes
+        self.prev = "sample"  # tensor this stage continues from; set by build_stage_graph
+
+    def inputs(self, env: dict[str, torch.Tensor], temb, text) -> tuple:
+        """The call's arguments, read from ``env`` by name."""
+        return env[self.prev], env[self.skip] if self.skip else None, temb, text
+
+
+# on_stage(stage, args) -> output: runs (or times, or counts) one stage call.
+StageHook = Callable[[Stage, tuple], torch.Tensor]
 
 
 class ConvIn(Stage):
@@ -157,16 +171,41 @@ class StageGraph:
     def text_time(self) -> bool:
         return self.time_embedding.text_time
 
+    def run(self, env: dict[str, torch.Tensor], stages: Sequence[str] | None = None,
+            on_stage: StageHook | None = None) -> dict[str, torch.Tensor]:
+        """``run_stages`` on the named ``stages`` (default: all); ``env`` gains their outputs."""
+        chosen = self.stages if stages is None else [self.stages[self.index(n)] for n in stages]
+        return run_stages(chosen, self.time_embedding, env, on_stage)
+
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         """Run every stage in order: equals ``unet(...).sample``."""
-        timestep = expand_timestep(timestep, sample)
-        temb = self.time_embedding(timestep, sample.dtype, text_embeds, time_ids)
-        values: dict[str, torch.Tensor] = {}
-        h = sample
-        for stage in self.stages:
-            skip = values[stage.skip] if stage.skip else None
-            h = values[stage.name] = stage(h, skip, temb, encoder_hidden_states)
-        return h
+        env = {"sample": sample, "timestep": expand_timestep(timestep, sample),
+               "encoder_hidden_states": encoder_hidden_states}
+        if self.text_time:
+            env.update(text_embeds=text_embeds, time_ids=time_ids)
+        return self.run(env)[self.stages[-1].name]
+
+
+def run_stages(stages: Sequence[Stage], time_embedding: TimeEmbedding | None,
+               env: dict[str, torch.Tensor], on_stage: StageHook | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """The stage loop: run ``stages`` in order, each reading its inputs from ``env`` by name
+    (``Stage.prev``, ``Stage.skip``, ``timestep``, ``encoder_hidden_states``, ...) and writing
+    its output to ``env[stage.name]``; returns ``env``.
+
+    The time embedding is computed once, in the dtype of the first stage's hidden input, when
+    a stage needs it. ``on_stage`` replaces the plain call ``stage(*args)``. No branch depends
+    on tensor values, so the loop traces into ONNX as it is.
+    """
+    temb = None
+    if time_embedding is not None and any(s.needs_temb for s in stages):
+        temb = time_embedding(env["timestep"], env[stages[0].prev].dtype,
+                              env.get("text_embeds"), env.get("time_ids"))
+    text = env.get("encoder_hidden_states")
+    for stage in stages:
+        args = stage.inputs(env, temb, text)
+        env[stage.name] = on_stage(stage, args) if on_stage is not None else stage(*args)
+    return env
 
 
 def expand_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -200,6 +239,8 @@ def build_stage_graph(unet: nn.Module) -> StageGraph:
             stages.append(Resample(f"up{b}_us", block.upsamplers[0], pushes=False))
     stages.append(ConvOut(unet))
     assert not stack, f"unpopped skips {stack}"
+    for before, stage in zip(stages, stages[1:]):
+        stage.prev = before.name
     return StageGraph(stages, TimeEmbedding(unet), dict(unet.config))
 
 

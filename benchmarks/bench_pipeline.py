@@ -85,7 +85,7 @@ def export(pipeline: Path, dep: Deployment, out: Path, default_steps: int = 10,
     """
     from asyncdiff.partition import Partition
     from export.cli import ExportOptions, run_export
-    from export.repository import PipelineDefaults
+    from asyncdiff.contract import Request
 
     out = Path(out)
     stamp = out / "bench_export.json"
@@ -98,7 +98,7 @@ def export(pipeline: Path, dep: Deployment, out: Path, default_steps: int = 10,
     opts = ExportOptions(model=str(pipeline), components=dep.components, stride=dep.stride,
                          batched_stride=dep.batched_stride, backend="onnxruntime", out=out,
                          overwrite=True, progress=False, validate=validate,
-                         defaults=PipelineDefaults(steps=default_steps))
+                         defaults=Request(steps=default_steps))
     result = run_export(opts)
     stamp.write_text(wanted)
     return result.partition

@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asyncdiff.pipeline import AsyncDiffPipeline, denoise, initial_latents, make_scheduler, to_uint8_image
-from asyncdiff.runners import ActivationCache
+from asyncdiff.contract import Request
+from asyncdiff.cost import balanced, project
+from asyncdiff.partition import NOISE_PRED
+from asyncdiff.pipeline import AsyncDiffPipeline
+from asyncdiff.placement import Placement
 from asyncdiff.schedule import make_plan
 from benchmarks.metrics import PSNR_CAP_DB, SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
 
@@ -72,50 +75,25 @@ def make_pairs(count: int, seed: int = 0) -> list[Pair]:
 
 
 def ideal_speedup(steps: int, n: int, s: int, w: int) -> float:
-    """T / (sequential steps + parallel rounds / N).
+    """The cost model's projection with balanced components and free communication.
 
-    Sequential cost is T full UNet calls.  Async latency counts every warm-up
-    (sequential) step as one full call and every parallel round as one
-    component time = 1/N of a call (balanced components, free communication;
-    S=2 rounds use N+1 devices and produce two steps).
+    Warm-up steps cost one full UNet call, a parallel round 1/N of one (S=2
+    rounds run on N+1 devices and produce two steps): T / (w + rounds/N).
     """
-    plan = make_plan(steps, n, s, w)
-    sequential = sum(1 for st in plan.steps if st.mode == "warmup")
-    return steps / (sequential + plan.parallel_rounds / n)
-
-
-@torch.no_grad()
-def encode_batch(pipe: AsyncDiffPipeline, prompts: list[str]) -> torch.Tensor:
-    """[uncond x B; cond x B] text states, so ``guide``'s chunk(2) pairs them per prompt."""
-    per = [pipe.encode_text(p, "") for p in prompts]
-    return torch.cat([torch.stack([e[0] for e in per]), torch.stack([e[1] for e in per])])
+    return project(make_plan(steps, n, s, w), Placement(n, s), balanced(n)).speedup
 
 
 @torch.no_grad()
 def generate(pipe: AsyncDiffPipeline, pairs: list[Pair], steps: int, guidance: float,
              warmup: int) -> np.ndarray:
-    """AsyncDiffPipeline.generate_latents + decode for a whole batch of pairs at once.
+    """The pipeline's generation for a whole batch of pairs at once (one Generation of B requests).
 
-    Same plan, cache, runner and DDIM loop as the pipeline, which serves one
-    prompt at a time; batching B prompts into one UNet batch of 2B is what
-    makes the sweep affordable on a CPU.  Returns uint8 (B, H, W, 3).
+    Batching B prompts into one UNet batch of 2B is what makes the sweep
+    affordable on a CPU.  Returns uint8 (B, H, W, 3).
     """
-    scheduler = make_scheduler("ddim", pipe.sd.scheduler.config)
-    scheduler.set_timesteps(steps)
-    text = encode_batch(pipe, [p.prompt for p in pairs])
-    part = pipe.partition
-    cache = ActivationCache(part, make_plan(steps, part.num_components, part.stride, warmup))
-    latents = torch.cat([initial_latents(p.seed, pipe.latent_shape, scheduler.init_noise_sigma)
-                         for p in pairs])
-    cond = {"encoder_hidden_states": text}
-
-    def noise_pred(i, model_input):
-        return pipe.runner.noise_pred(cache, i, model_input, cond, scheduler.timesteps)
-
-    latents = denoise(scheduler, latents, guidance, noise_pred)
-    vae = pipe.sd.vae
-    decoded = vae.decode(latents / vae.config.scaling_factor).sample
-    return np.stack([to_uint8_image(decoded[b:b + 1]) for b in range(len(pairs))])
+    reqs = [Request(p.prompt, seed=p.seed, steps=steps, guidance_scale=guidance, warmup=warmup)
+            for p in pairs]
+    return pipe.decode_images(pipe.generate_latents(reqs))
 
 
 def generate_all(pipe, pairs, steps, guidance, warmup, batch) -> np.ndarray:
@@ -178,26 +156,27 @@ def evaluate(sd, pairs: list[Pair], configs, steps: int, guidance: float, batch:
             "configs": rows}
 
 
-class ReferencePipe:
+class ReferencePipe(AsyncDiffPipeline):
     """The sequential reference: the diffusers UNet itself, not our components.
 
-    Only ``generate``'s attributes are provided; a one-component plan is all
-    warm-up, so the 'runner' just calls the whole UNet each step.  Keeping
-    the reference independent of the partition code makes the N=1 row a real
-    check (expected: identical images, reported as the PSNR cap).
+    A one-component plan is all warm-up, so each step is one call, which this
+    executor runs on the whole UNet.  Keeping the reference independent of the
+    component code makes the N=1 row a real check (expected: identical images,
+    reported as the PSNR cap).
     """
 
     def __init__(self, sd):
-        self.sd = sd
-        self.helper = AsyncDiffPipeline(sd, components=1, stride=1)
-        self.partition, self.latent_shape = self.helper.partition, self.helper.latent_shape
+        super().__init__(sd, components=1, stride=1)
         self.runner = self
 
-    def encode_text(self, prompt, negative_prompt):
-        return self.helper.encode_text(prompt, negative_prompt)
+    def generate(self, gen):
+        return gen.run(self.run_wave)
 
-    def noise_pred(self, cache, i, model_input, cond, timesteps):
-        return self.sd.unet(model_input, timesteps[i], **cond).sample
+    def run_wave(self, calls) -> list[dict]:
+        (call,) = calls
+        x = call.inputs
+        eps = self.sd.unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"])
+        return [{NOISE_PRED: eps.sample}]
 
 
 def paper_speedup(n: int, s: int, w: int) -> float | None:

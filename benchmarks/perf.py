@@ -5,7 +5,7 @@
 Exports the pipeline of ``benchmarks.bench_pipeline`` for N=1 and N=2 (S=1,
 onnxruntime; reused from ``--workdir`` when already there), serves both, and
 runs ``client.perf.run_perf`` (perf_analyzer over gRPC, 3 time windows per
-level, the prompts of client/perf/prompts.json: 10 steps each) at concurrency
+level, the prompts of client.perf.run_perf.PERF_REQUESTS: 10 steps each) at concurrency
 1, 2 and 4 on each, one deployment after the other.  Reports throughput and
 p50/p99 latency, and each UNet component's server-side queue/compute figures.
 """

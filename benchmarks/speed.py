@@ -13,13 +13,12 @@ Each CPU core stands in for one device, with one torch/onnxruntime thread each.
   (onnxruntime), one server each, requests rotated the same way; Triton's statistics
   API splits each request's time.
 
-Ideal speedups (T steps, w warm-up steps, R = parallel rounds of the plan: T-w for
-S=1, ceil((T-w)/2) for S=2; a round costs the slowest device's share of one UNet):
-  ideal = T / (w + R * round)
-  round (perfect balance): 1/N for S=1; 2/(2N-1) for batched S=2 (the last device
-    runs its component twice, so its share is half the others')
-  round (this partition):  max_k share_k for S=1; max(share_0..N-2, 2*share_N-1)
-    batched, with the FLOP shares of the partition actually run.
+Ideal speedups come from the one cost model, ``asyncdiff.cost.project(plan,
+Placement(N, S, batched stride), component costs)`` with free communication: a warm-up
+step costs one UNet, a round the busiest device (with batched stride the last device runs
+its component twice).  "perfect" uses ``balanced(N, batched)`` costs (1/N each; 2/(2N-1)
+and half that for the last with batched S=2), "partition" the FLOP shares of the
+partition actually run.
 
 Per-step orchestration overhead (same definition for both executors):
   in-process: (wall - max over ranks of compute) / T
@@ -35,7 +34,6 @@ import argparse
 import math
 import os
 import platform
-import queue as queue_mod
 import statistics
 import sys
 import tempfile
@@ -89,17 +87,17 @@ def median(xs: list[float]) -> float:
 
 
 def ideal_speedups(partition, plan) -> dict:
-    """(perfect balance, this partition) ideal speedups of ``plan`` vs one device."""
-    n, t = plan.components, plan.steps_total
-    warm = sum(s.mode == "warmup" for s in plan.steps)
-    rounds = sum(s.mode == "compute" for s in plan.steps)
+    """(perfect balance, this partition) speedups of ``plan`` vs one device, from the cost model:
+    free communication, component costs = balanced shares, or the partition's FLOP shares."""
+    from asyncdiff.cost import balanced, project
+    from asyncdiff.placement import Placement
+
+    n = plan.components
+    placement = Placement(n, plan.stride, partition.batched_stride)
     shares = [partition.cost_share(k) for k in range(n)]
-    if plan.stride == 2 and partition.batched_stride and n > 1:
-        perfect, actual = 2 / (2 * n - 1), max(shares[:-1] + [2 * shares[-1]])
-    else:
-        perfect, actual = 1 / n, max(shares)
-    return {"perfect": t / (warm + rounds * perfect), "partition": t / (warm + rounds * actual),
-            "warmup_steps": warm, "rounds": rounds, "shares": shares}
+    perfect = project(plan, placement, balanced(n, partition.batched_stride))
+    return {"perfect": perfect.speedup, "partition": project(plan, placement, shares).speedup,
+            "warmup_steps": perfect.warmup_steps, "rounds": perfect.rounds, "shares": shares}
 
 
 def machine_info() -> dict:
@@ -124,7 +122,7 @@ def _read(path: str) -> str:
 def run_configs(s: Settings) -> dict:
     from asyncdiff.runners.distributed import RunConfig
 
-    return {name: RunConfig(model=s.model, components=n, stride=st, batch_stride=b,
+    return {name: RunConfig(model=s.model, components=n, stride=st, batched_stride=b,
                             warmup=s.warmup, steps=s.steps, latent=s.latent)
             for name, (n, st, b) in VARIANTS.items()}
 
@@ -177,27 +175,8 @@ def run_local(s: Settings, timeout_s: float = 3600.0) -> dict:
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    msgs = _collect(out_q, procs, world + s.reps * len(cfgs), timeout_s)
+    msgs = D.collect(out_q, procs, world + s.reps * len(cfgs), timeout_s)
     return _local_report(s, cfgs, parts, msgs, time.perf_counter() - t0)
-
-
-def _collect(out_q, procs, count: int, timeout_s: float) -> list:
-    msgs, deadline = [], time.monotonic() + timeout_s
-    try:
-        while len(msgs) < count:
-            try:
-                msgs.append(out_q.get(timeout=1.0))
-            except queue_mod.Empty:
-                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if failed or time.monotonic() > deadline:
-                    raise RuntimeError(f"rank processes failed ({failed}) or timed out")
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-    return msgs
 
 
 def _local_report(s: Settings, cfgs: dict, parts: dict, msgs: list, seconds: float) -> dict:

@@ -13,13 +13,15 @@ import itertools
 import sys
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-from client.infer import (PROTOCOLS, SCHEDULERS, GenerationParams, auto_upscale_factor,
-                          default_url, generate, upscale)
+from asyncdiff.contract import add_request_arguments
+from client.infer import (PROTOCOLS, GenerationParams, auto_upscale_factor, default_url, generate,
+                          upscale)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,13 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     p.add_argument("--url", help="host:port (default: 127.0.0.1:$GRPC_PORT or 8001 for grpc, "
                                  "127.0.0.1:$HTTP_PORT or 8000 for http)")
-    p.add_argument("--negative-prompt")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
-    p.add_argument("--warmup", type=int, help="synchronous warm-up steps before the async schedule")
-    # Not restricted to SCHEDULERS: the server names the allowed values in its error.
-    p.add_argument("--scheduler", help=f"e.g. {', '.join(SCHEDULERS)}")
+    # Left out: not sent. Not range-checked here: the server's error names the allowed values.
+    add_request_arguments(p, None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default: %(default)s)")
     p.add_argument("--upscale", type=int, default=0,
                    help="nearest-neighbour factor for the saved PNG; 0 (default) picks the "
@@ -52,9 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                            seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
-                            warmup=args.warmup, scheduler=args.scheduler)
+    return GenerationParams(**{f.name: getattr(args, f.name) for f in fields(GenerationParams)})
 
 
 class Spinner:

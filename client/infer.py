@@ -5,7 +5,8 @@
     result.image  # uint8 [H, W, 3]
 
 Only the parameters that are set are sent; the model applies its own defaults
-for the rest, so the client never has to track them.
+for the rest, so the client never has to track them. Input names, dtypes and
+encodings are ``asyncdiff.contract``'s (numpy only: no torch here).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from types import ModuleType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-MODEL_NAME = "asyncdiff"
-OUTPUTS = ("IMAGE", "LATENTS")
+from asyncdiff.contract import INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS
+
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
-SCHEDULERS = ("ddim", "euler", "dpmsolver++")
 # Triton's defaults; GRPC_PORT / HTTP_PORT match what `python -m serve` reads.
 DEFAULT_PORTS: dict[Protocol, tuple[str, int]] = {"grpc": ("GRPC_PORT", 8001),
                                                   "http": ("HTTP_PORT", 8000)}
@@ -29,7 +29,8 @@ DEFAULT_PORTS: dict[Protocol, tuple[str, int]] = {"grpc": ("GRPC_PORT", 8001),
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """One request. ``None`` means "not sent": the server's default applies."""
+    """One request: ``contract.Request``'s fields. ``None`` means "not sent": the server's
+    default applies."""
 
     prompt: str
     negative_prompt: str | None = None
@@ -39,17 +40,6 @@ class GenerationParams:
     warmup: int | None = None
     scheduler: str | None = None
 
-
-# field -> (Triton input name, numpy dtype, Triton dtype). Every input has dims [1].
-INPUTS: dict[str, tuple[str, Any, str]] = {
-    "prompt": ("PROMPT", np.object_, "BYTES"),
-    "negative_prompt": ("NEGATIVE_PROMPT", np.object_, "BYTES"),
-    "seed": ("SEED", np.int64, "INT64"),
-    "steps": ("STEPS", np.int32, "INT32"),
-    "guidance_scale": ("GUIDANCE_SCALE", np.float32, "FP32"),
-    "warmup": ("WARMUP", np.int32, "INT32"),
-    "scheduler": ("SCHEDULER", np.object_, "BYTES"),
-}
 
 
 @dataclass(frozen=True)
@@ -76,30 +66,20 @@ def _module(protocol: Protocol) -> ModuleType:
 
 def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
     """Triton input name -> array of shape [1], for the fields that are set."""
-    arrays = {}
-    for f in fields(params):
-        value = getattr(params, f.name)
-        if value is None:
-            continue
-        name, dtype, _ = INPUTS[f.name]
-        if dtype is np.object_:
-            # BYTES tensors are object arrays of bytes; encode here so that
-            # non-ASCII prompts reach the server as UTF-8 on both protocols.
-            value = value.encode("utf-8")
-        arrays[name] = np.array([value], dtype=dtype)
-    return arrays
+    # BYTES are encoded as UTF-8 here, so non-ASCII prompts arrive intact on both protocols.
+    return {INPUT_BY_FIELD[f.name].name: INPUT_BY_FIELD[f.name].encode(getattr(params, f.name))
+            for f in fields(params) if getattr(params, f.name) is not None}
 
 
 def build_request(params: GenerationParams, protocol: Protocol) -> tuple[list, list]:
     """(InferInput list, InferRequestedOutput list) of the protocol's tritonclient module."""
     module = _module(protocol)
-    triton_dtypes = {name: triton for name, _, triton in INPUTS.values()}
     inputs = []
     for name, array in input_arrays(params).items():
-        tensor = module.InferInput(name, list(array.shape), triton_dtypes[name])
+        tensor = module.InferInput(name, list(array.shape), INPUT_BY_NAME[name].dtype)
         tensor.set_data_from_numpy(array)  # HTTP: binary by default, no JSON round-trip
         inputs.append(tensor)
-    outputs = [module.InferRequestedOutput(name) for name in OUTPUTS]
+    outputs = [module.InferRequestedOutput(f.name) for f in OUTPUTS]
     return inputs, outputs
 
 
@@ -117,7 +97,8 @@ def generate(params: GenerationParams, protocol: Protocol = "grpc", url: str | N
         with module.InferenceServerClient(url, connection_timeout=min(timeout, 60.0),
                                           network_timeout=timeout) as client:
             result = client.infer(model_name, inputs, outputs=outputs)
-    return GenerationResult(image=result.as_numpy("IMAGE"), latents=result.as_numpy("LATENTS"))
+    image, latents = (result.as_numpy(f.name) for f in OUTPUTS)
+    return GenerationResult(image=image, latents=latents)
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

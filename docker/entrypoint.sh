@@ -2,9 +2,12 @@
 # First start: export the model repository for the GPUs present into the
 # volume; every start: run tritonserver on it. Extra arguments go to tritonserver.
 #   MODEL       tiny | path of a diffusers pipeline folder (mount it)   [tiny]
-#   COMPONENTS  N UNet components                         [number of GPUs]
+#   GPUS        GPU ids to use, comma-separated                  [all visible]
+#   COMPONENTS  N UNet components                            [one per GPU]
 #   STRIDE      AsyncDiff stride S                                      [1]
-#   GPUS        GPU ids for the components, comma-separated [all visible]
+#   BATCHED_STRIDE  auto | yes | no: S=2 on N GPUs is batched stride, on
+#               N+1 GPUs plain stride (asyncdiff.placement decides) [auto]
+#   VALIDATE    1: run the CPU parity checks during the export           [0]
 #   MODEL_REPOSITORY  where the repository lives         [/models/repository]
 #   EXPORT_ARGS extra arguments for `python3 -m export` (e.g. --fp16)
 set -euo pipefail
@@ -17,10 +20,15 @@ if [ "${gpu_count:-0}" -lt 1 ]; then
     echo "entrypoint: no GPU visible (nvidia-smi -L); start the container with GPUs" >&2
     exit 1
 fi
-components="${COMPONENTS:-$gpu_count}"
-stride="${STRIDE:-1}"
 gpus="${GPUS:-$(seq -s, 0 $((gpu_count - 1)))}"
-settings="model=${MODEL:-tiny} components=$components stride=$stride gpus=$gpus${EXPORT_ARGS:+ $EXPORT_ARGS}"
+# N, stride mode and GPU list from the one placement rule; an impossible combination
+# stops here (exit 2) with its message, before any export work.
+place_args="$(python3 -m asyncdiff.placement --gpus "$gpus" --stride "${STRIDE:-1}" \
+    --batched-stride "${BATCHED_STRIDE:-auto}" ${COMPONENTS:+--components "$COMPONENTS"} \
+    --export-args)"
+validate="--no-validate"  # CPU parity checks are slow; the engines are what gets served
+[ "${VALIDATE:-0}" = 1 ] && validate=""
+settings="model=${MODEL:-tiny} $place_args${EXPORT_ARGS:+ $EXPORT_ARGS}"
 
 if [ -f "$marker" ]; then
     if [ "$(cat "$marker")" != "$settings" ]; then
@@ -34,9 +42,9 @@ else
     rm -rf "$tmp"
     mkdir -p "$(dirname "$repo")"
     echo "entrypoint: exporting [$settings] into $repo (TensorRT engine build; first start only)"
-    # shellcheck disable=SC2086  # EXPORT_ARGS is a list of words on purpose
-    python3 -m export --model "${MODEL:-tiny}" --components "$components" --stride "$stride" \
-        --backend tensorrt --build-engines --gpus "$gpus" --out "$tmp" ${EXPORT_ARGS:-}
+    # shellcheck disable=SC2086  # place_args, validate and EXPORT_ARGS are lists of words on purpose
+    python3 -m export --model "${MODEL:-tiny}" $place_args --backend tensorrt --build-engines \
+        $validate --out "$tmp" ${EXPORT_ARGS:-}
     echo "$settings" > "$tmp/.asyncdiff-export"
     rm -rf "$repo"
     mv "$tmp" "$repo"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import torch
 
+from asyncdiff.contract import INPUTS, VAE_DECODER, PipelineParams, Request, add_request_arguments
+from asyncdiff.placement import Placement
 from export import repository as repo_mod
 from export import tensorrt as trt_mod
+from serve import deployment
 from export.onnx_export import (
     Artifact, InterfaceSampler, Network, ParityError, component_network, export_network,
     save_torch_component, text_encoder_network, vae_decoder_network,
@@ -25,6 +29,7 @@ ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 BUILD_SCRIPT = "build_engines.sh"
 EXIT_PARITY, EXIT_NO_TENSORRT = 3, 4
+PARAM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PipelineParams)}
 
 
 @dataclass
@@ -39,14 +44,16 @@ class ExportOptions:
     batch: int = 2  # UNet batch at export (2 = one prompt with classifier-free guidance)
     max_batch: int | None = None  # dynamic batching / engine profile limit; default 4 * batch
     fp16: bool = False
-    gpus: list[int] | None = None
+    gpus: list[int] | None = None  # default: CPU instances; tensorrt: GPUs 0..world_size-1
     batched_stride: bool = False
+    cuts: list[str] | None = None  # stage names where components 1..N-1 start; default: balanced
     cost: str = "flops"
     build_engines: bool = False
     overwrite: bool = False
     validate: bool = True
     progress: bool = True
-    defaults: repo_mod.PipelineDefaults = field(default_factory=repo_mod.PipelineDefaults)
+    defaults: Request = field(default_factory=Request)  # what the server applies to omitted inputs
+    component_timeout_s: float = PARAM_DEFAULTS["component_timeout_s"]
 
     @property
     def limit(self) -> int:
@@ -122,15 +129,13 @@ def run_export(opts: ExportOptions) -> ExportResult:
 
     start = time.perf_counter()
     _check_options(opts)
-    placements = repo_mod.component_placements(  # bad --gpus fail here, before any export
-        opts.components, opts.stride, opts.batched_stride,
-        opts.gpus if opts.gpus is not None else _default_gpus(opts))
+    place = placement(opts)  # bad --gpus fail here, before any export
     out = _prepare_out(Path(opts.out), opts.overwrite)
     source = load_source(opts.model)
     h, w = latent_size(opts, source)
     part = partition_unet(source.unet, opts.components, model=opts.model, batch=opts.batch,
                           height=h, width=w, metric=opts.cost, stride=opts.stride,
-                          batched_stride=opts.batched_stride)
+                          batched_stride=opts.batched_stride, cuts=opts.cuts)
     graph = build_stage_graph(source.unet)
     sampler = InterfaceSampler(graph, h, w)
     components = build_components(graph, part)
@@ -143,12 +148,21 @@ def run_export(opts: ExportOptions) -> ExportResult:
         notes.append(f"{opts.model!r} is not a diffusers pipeline folder: only the UNet components "
                      "are exported (no text_encoder, vae_decoder or asyncdiff pipeline model)")
     artifacts = _export_all(opts, out, networks, part, dict(source.unet.config))
-    _write_configs(opts, out, artifacts, placements)
+    _write_configs(opts, out, artifacts, place)
     if source.full_pipeline:
         _write_pipeline(opts, out, _served_partition(part, artifacts), source, h, w, artifacts,
-                        placements)
+                        place)
+    deployment.write(out, place.gpus, part.cross_bytes(interface_bytes(part, artifacts)),
+                     opts.batch, opts.limit)
     engines, commands = _engines(opts, out, artifacts, notes)
     return ExportResult(opts, part, artifacts, engines, commands, notes, time.perf_counter() - start)
+
+
+def interface_bytes(part, artifacts: list[Artifact]) -> int:
+    """Bytes per element of the hidden/skip tensors as served: 2 when every UNet component
+    is fp16, else 4 (an upper bound for mixed repositories)."""
+    comps = {c.name for c in part.components}
+    return 2 if all(a.fp16 for a in artifacts if a.name in comps) else 4
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -158,6 +172,16 @@ def _check_options(opts: ExportOptions) -> None:
         raise ValueError(f"need 1 <= --batch ({opts.batch}) <= --max-batch ({opts.limit})")
     if opts.build_engines and opts.backend != "tensorrt":
         raise ValueError("--build-engines only applies to --backend tensorrt")
+    if opts.cuts is not None and opts.components != len(opts.cuts) + 1:
+        raise ValueError(f"--components {opts.components} disagrees with --cuts "
+                         f"{','.join(opts.cuts)} ({len(opts.cuts)} cuts = {len(opts.cuts) + 1} "
+                         "components)")
+    if not opts.component_timeout_s > 0:
+        raise ValueError(f"--component-timeout-s must be > 0, got {opts.component_timeout_s}")
+    try:  # the defaults must be a valid request once a prompt is given
+        dataclasses.replace(opts.defaults, prompt=opts.defaults.prompt or "x").validate()
+    except ValueError as e:
+        raise ValueError(f"pipeline default: {e}") from None
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
@@ -171,11 +195,12 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return out
 
 
-def _default_gpus(opts: ExportOptions) -> list[int] | None:
-    if opts.backend != "tensorrt":
-        return None  # CPU instances unless --gpus says otherwise
-    extra = opts.stride == 2 and not opts.batched_stride
-    return list(range(opts.components + int(extra)))
+def placement(opts: ExportOptions) -> Placement:
+    """``--gpus`` as given; tensorrt without ``--gpus``: GPUs 0..world_size-1; else the CPU."""
+    gpus = opts.gpus
+    if gpus is None and opts.backend == "tensorrt":
+        gpus = range(Placement(opts.components, opts.stride, opts.batched_stride).world_size)
+    return Placement.for_devices(opts.components, opts.stride, opts.batched_stride, gpus)
 
 
 def _export_all(opts, out: Path, networks: list[Network], part, unet_config: dict) -> list[Artifact]:
@@ -198,16 +223,24 @@ def _export_all(opts, out: Path, networks: list[Network], part, unet_config: dic
 
 def _batch_of(opts: ExportOptions, name: str) -> int:
     # The VAE decodes one latent per prompt: half the CFG batch.
-    return max(1, opts.batch // 2) if name == repo_mod.VAE_DECODER else opts.batch
+    return max(1, opts.batch // 2) if name == VAE_DECODER.model else opts.batch
 
 
-def _write_configs(opts, out: Path, artifacts: list[Artifact], placements) -> None:
-    first = placements[0]
+def static_engines(opts) -> bool:
+    """TensorRT with ``--max-batch`` = ``--batch``: one shape per engine, run with CUDA graphs."""
+    return opts.backend == "tensorrt" and opts.limit == opts.batch
+
+
+def _max_batch_of(opts, name: str) -> int:
+    return _batch_of(opts, name) if static_engines(opts) else opts.limit
+
+
+def _write_configs(opts, out: Path, artifacts: list[Artifact], place: Placement) -> None:
     for art in artifacts:
-        place = placements[int(art.name.rsplit("_", 1)[1])] if art.name.startswith("unet_part_") \
-            else repo_mod.Placement(first.gpus[:1])  # text encoder / VAE: beside component 0
+        gpus, count = repo_mod.model_placement(art.name, place)
         config = repo_mod.network_config(art.name, art.inputs, art.outputs, opts.backend,
-                                         art.runtime, art.path.name, opts.limit, place)
+                                         art.runtime, art.path.name, _max_batch_of(opts, art.name),
+                                         gpus, count, cuda_graphs=static_engines(opts))
         repo_mod.write(out, config)
 
 
@@ -221,23 +254,41 @@ def _served_partition(part, artifacts: list[Artifact]):
     return served
 
 
+def served_dtypes(part, artifacts: list[Artifact]) -> dict[str, str]:
+    """Tensor name -> served dtype of every tensor the BLS sends or receives: component 0's
+    inputs (the pipeline inputs), the last component's output, the text encoder's and VAE's IO."""
+    by_name = {a.name: a for a in artifacts}
+    first, last = by_name[part.components[0].name], by_name[part.components[-1].name]
+    specs = [*first.inputs, *last.outputs]
+    for art in artifacts:
+        if not art.name.startswith("unet_part_"):
+            specs += [*art.inputs, *art.outputs]
+    return {s.name: str(s.dtype) for s in specs}
+
+
 def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
-                    artifacts: list[Artifact], placements) -> None:
-    vae = next(a for a in artifacts if a.name == repo_mod.VAE_DECODER)
+                    artifacts: list[Artifact], place: Placement) -> None:
+    vae = next(a for a in artifacts if a.name == VAE_DECODER.model)
     _, height, width = vae.outputs[0].shape
-    latent_shape = [source.unet.config.in_channels, h, w]
-    unet_dtype = str(artifacts[0].inputs[0].dtype)
-    config = repo_mod.pipeline_config(
-        part, latent_shape=latent_shape, image_shape=(height, width), dtype=unet_dtype,
-        vae_scaling_factor=source.vae.config.scaling_factor, defaults=opts.defaults,
-        gpu=placements[0].gpus[0] if placements[0].gpus else None)
-    repo_mod.write(out, config, repo_mod.pipeline_files(part, source.scheduler_config,
-                                                         source.tokenizer_dir))
+    params = PipelineParams(
+        component_models=tuple(c.name for c in part.components),
+        latent_shape=(source.unet.config.in_channels, h, w), image_shape=(height, width, 3),
+        vae_scaling_factor=float(source.vae.config.scaling_factor), defaults=opts.defaults,
+        component_timeout_s=opts.component_timeout_s, device=place.device(place.pipeline_rank),
+        dtypes=served_dtypes(part, artifacts))
+    repo_mod.write(out, repo_mod.pipeline_config(params),
+                   repo_mod.pipeline_files(part, params, source.scheduler_config,
+                                           source.tokenizer_dir))
 
 
-def _profile(opts, art: Artifact) -> trt_mod.Profile:
+def _profile(opts, art: Artifact, onnx_path: Path) -> trt_mod.Profile:
     opt = _batch_of(opts, art.name)
-    return trt_mod.Profile({s.name: s.shape for s in art.inputs}, 1, opt, opts.limit)
+    return trt_mod.graph_profile(onnx_path, opt if static_engines(opts) else 1, opt,
+                                 _max_batch_of(opts, art.name))
+
+
+def _fp16(art: Artifact) -> bool:
+    return trt_mod.is_fp16(s.dtype for s in [*art.inputs, *art.outputs])
 
 
 def _engines(opts, out: Path, artifacts: list[Artifact], notes: list[str]):
@@ -245,7 +296,7 @@ def _engines(opts, out: Path, artifacts: list[Artifact], notes: list[str]):
     if opts.backend != "tensorrt":
         return [], []
     rel = [(Path(a.name) / "1" / ONNX_FILE, Path(a.name) / "1" / PLAN_FILE) for a in artifacts]
-    commands = [trt_mod.trtexec_command(str(o), str(p), _profile(opts, a))
+    commands = [trt_mod.trtexec_command(str(o), str(p), _profile(opts, a, out / o), _fp16(a))
                 for a, (o, p) in zip(artifacts, rel)]
     script = out / BUILD_SCRIPT
     script.write_text("#!/usr/bin/env bash\n# Build the TensorRT engines of this repository "
@@ -261,7 +312,8 @@ def _engines(opts, out: Path, artifacts: list[Artifact], notes: list[str]):
     engines = []
     for art, (onnx_rel, plan_rel) in tqdm(list(zip(artifacts, rel)), desc="tensorrt",
                                           disable=not opts.progress, file=sys.stderr):
-        engines.append(trt_mod.Engine(out / plan_rel).build(out / onnx_rel, _profile(opts, art)))
+        engines.append(trt_mod.build_engine(out / onnx_rel, out / plan_rel,
+                                            _profile(opts, art, out / onnx_rel), _fp16(art)))
     return engines, commands
 
 
@@ -290,6 +342,11 @@ def summary(result: ExportResult) -> str:
                          f"{_err(art)} {art.seconds:5.1f}s")
     lines.append(f"\ninterface traffic per step (cross-component hidden/skip tensors): "
                  f"{_size(part.cross_bytes(bpe))}")
+    info = deployment.read(opts.out)
+    if info and info["gpus"]:
+        lines.append(f"CUDA memory pool per GPU: {_size(info['cuda_memory_pool_bytes'])} "
+                     f"(GPUs {info['gpus']}; {deployment.FILE}, used by python -m serve and the "
+                     "Docker entrypoint; tritonserver --cuda-memory-pool-byte-size=<gpu>:<bytes>)")
     lines.append(f"\nfiles in {opts.out}:")
     for path in sorted(p for p in Path(opts.out).rglob("*") if p.is_file()):
         lines.append(f"  {_size(path.stat().st_size):>10s}  {path.relative_to(opts.out)}")
@@ -318,12 +375,13 @@ def _size(n: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> ExportOptions:
     from asyncdiff.configs import builtin_names
-    from asyncdiff.pipeline import SCHEDULERS
 
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny",
                    help=f"diffusers pipeline folder, UNet folder or one of {builtin_names()}")
-    p.add_argument("--components", type=int, required=True, help="N: UNet components")
+    p.add_argument("--components", type=int, help="N: UNet components (default: cuts + 1)")
+    p.add_argument("--cuts", help="comma-separated stage names where components 1..N-1 start, "
+                   "e.g. mid,up2_0 (default: the balanced cut)")
     p.add_argument("--stride", type=int, default=1, choices=(1, 2), help="S: AsyncDiff stride")
     p.add_argument("--batched-stride", action="store_true",
                    help="S=2 on N GPUs: the last component runs both timesteps as one batch")
@@ -334,7 +392,8 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
     p.add_argument("--max-batch", type=int, help="dynamic batching / engine max (default 4*batch)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and interface tensors")
     p.add_argument("--gpus", help="comma-separated GPU ids, component k on the k-th "
-                   "(+1 for the last component's second instance with plain S=2)")
+                   "(+1 for the last component's second instance with plain S=2; "
+                   "default: the CPU, or GPUs 0.. for tensorrt)")
     p.add_argument("--build-engines", action="store_true",
                    help="tensorrt: fail (exit 4) when the engines cannot be built here")
     p.add_argument("--out", type=Path, default=Path("model_repository"))
@@ -344,20 +403,25 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the onnxruntime-vs-torch parity checks (quick iteration only)")
-    d = repo_mod.PipelineDefaults()
-    p.add_argument("--steps", type=int, default=d.steps, help="pipeline default STEPS")
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
-    p.add_argument("--warmup", type=int, default=d.warmup, help="pipeline default WARMUP")
-    p.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULERS)
+    p.add_argument("--component-timeout-s", type=float, default=PARAM_DEFAULTS["component_timeout_s"],
+                   help="seconds the pipeline waits for one component call (default: %(default)s)")
+    add_request_arguments(p, Request())  # the pipeline's defaults for omitted inputs
     a = p.parse_args(argv)
-    gpus = [int(g) for g in a.gpus.split(",") if g.strip()] if a.gpus else None
+    cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
+    components = a.components or (len(cuts) + 1 if cuts else None)
+    if components is None:
+        p.error("give --components or --cuts")
+    try:
+        gpus = [int(g) for g in a.gpus.split(",") if g.strip()] if a.gpus else None
+    except ValueError:
+        p.error(f"--gpus must be comma-separated integers, got {a.gpus!r}")
     return ExportOptions(
-        model=a.model, components=a.components, stride=a.stride, backend=a.backend, out=a.out,
+        model=a.model, components=components, stride=a.stride, backend=a.backend, out=a.out,
         height=a.height, width=a.width, batch=a.batch, max_batch=a.max_batch, fp16=a.fp16,
-        gpus=gpus, batched_stride=a.batched_stride, cost=a.cost,
+        gpus=gpus, batched_stride=a.batched_stride, cuts=cuts, cost=a.cost,
         build_engines=a.build_engines, overwrite=a.overwrite, progress=not a.no_progress,
-        validate=not a.no_validate,
-        defaults=repo_mod.PipelineDefaults(a.steps, a.guidance_scale, a.warmup, a.scheduler),
+        validate=not a.no_validate, component_timeout_s=a.component_timeout_s,
+        defaults=Request(**{f.field: getattr(a, f.field) for f in INPUTS if not f.required}),
     )
 
 

@@ -8,6 +8,10 @@ TorchScript exporter, dim 0 dynamic), runs ``onnx.checker`` on it and
 compares onnxruntime (CPU) with the fp32 torch module at the export batch
 and at a different batch, raising ``ParityError`` above the tolerance.
 
+Under fp16 a network whose fp16 graph is not type-consistent, or that says it
+overflows (an upcast VAE), is exported fp32 and its ``Artifact.fp32_reason``
+says why; every artifact's IO dtypes are the ones its graph declares.
+
 Tolerances: fp32 graphs must match to ``FP32_TOL`` (absolute). fp16 graphs
 are compared with the fp32 module, i.e. the check measures what the fp16
 deployment loses, so they get ``FP16_REL_TOL`` times the reference's
@@ -59,7 +63,7 @@ class Network:
     output_names: list[str]
     make_inputs: Callable[[int], tuple[torch.Tensor, ...]]  # fp32 inputs at a batch size
     keep_fp32: frozenset[str] = frozenset()  # float inputs never cast to fp16 (timestep)
-    fp16_ok: bool = True  # False: export fp32 even under --fp16 (e.g. VAEs that overflow)
+    fp32_reason: str | None = None  # set: export fp32 even under --fp16 (e.g. VAEs that overflow)
 
     def inputs(self, batch: int, fp16: bool) -> tuple[torch.Tensor, ...]:
         return self.cast(self.make_inputs(batch), fp16)
@@ -94,37 +98,72 @@ class Artifact:
     outputs: list[IOSpec]
     seconds: float  # export + checker + validation
     checks: list[Check] = field(default_factory=list)
+    fp32_reason: str | None = None  # why fp16 was asked for but this network stayed fp32
 
     @property
     def max_abs_err(self) -> float:
         return max((c.max_abs_err for c in self.checks), default=float("nan"))
 
-    @property
-    def bytes(self) -> int:
-        return self.path.stat().st_size
-
 
 def export_network(net: Network, path: Path, batch: int, fp16: bool = False,
                    validate: bool = True) -> Artifact:
-    """Export ``net`` to ``path`` and (by default) validate it; raises ``ParityError``."""
+    """Export ``net`` to ``path`` and (by default) validate it; raises ``ParityError``.
+
+    Under ``fp16`` a network stays fp32 when it says why (``Network.fp32_reason``) or when its
+    fp16 graph mixes float types (strict ONNX type inference rejects it; onnxruntime would
+    refuse to load it); ``Artifact.fp32_reason`` records which. IO dtypes are the graph's.
+    """
     start = time.perf_counter()
-    fp16 = fp16 and net.fp16_ok
-    module = _half_copy(net.module) if fp16 else net.module
-    example = net.inputs(batch, fp16)
+    reason = net.fp32_reason if fp16 else None
+    half = fp16 and reason is None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        outputs = module(*example)
-        _torch_export(module, example, path, net.input_names, net.output_names)
+    example, outputs = _export(net, path, batch, half)
+    if half and (conflict := type_conflict(path)):
+        reason, half = f"its fp16 graph mixes float types ({conflict})", False
+        example, outputs = _export(net, path, batch, half)
     check_graph(path)
     artifact = Artifact(
-        net.name, path, "onnxruntime", fp16, _io_specs(net.input_names, example),
-        _io_specs(net.output_names, _as_tuple(outputs)), 0.0,
+        net.name, path, "onnxruntime", half, graph_io_specs(path, net.input_names, example),
+        graph_io_specs(path, net.output_names, outputs), 0.0, fp32_reason=reason,
     )
     if validate:
-        artifact.checks = [validate_onnx(net, path, b, fp16) for b in (batch, batch + 1)]
+        artifact.checks = [validate_onnx(net, path, b, half) for b in (batch, batch + 1)]
     artifact.seconds = time.perf_counter() - start
     raise_on_failure(artifact)
     return artifact
+
+
+def _export(net: Network, path: Path, batch: int, fp16: bool):
+    """Write the graph; returns the example inputs and torch's outputs (their shapes)."""
+    module = _half_copy(net.module) if fp16 else net.module
+    example = net.inputs(batch, fp16)
+    with torch.no_grad():
+        outputs = _as_tuple(module(*example))
+        _torch_export(module, example, path, net.input_names, net.output_names)
+    return example, outputs
+
+
+def type_conflict(path: Path) -> str | None:
+    """The first type conflict strict ONNX type inference finds in the graph, or None."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # types only: skip the weights
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def graph_io_specs(path: Path, names, tensors) -> list[IOSpec]:
+    """IO specs with the dtype the ONNX graph declares (torch's dtypes can differ: an fp16
+    module may still emit fp32) and the shape of the example ``tensors``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    declared = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+                for v in [*graph.input, *graph.output]}
+    return [IOSpec(n, np.dtype(declared[n]), tuple(t.shape[1:])) for n, t in zip(names, tensors)]
 
 
 def raise_on_failure(artifact: "Artifact") -> None:
@@ -239,28 +278,17 @@ class InterfaceSampler:
         self.graph, self.height, self.width, self.seed = graph, latent_height, latent_width, seed
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
 
-    def values(self, batch: int) -> dict[str, torch.Tensor]:
+    def inputs(self, names: list[str], batch: int) -> tuple[torch.Tensor, ...]:
         if batch not in self._cache:
             self._cache[batch] = self._run(batch)
-        return self._cache[batch]
-
-    def inputs(self, names: list[str], batch: int) -> tuple[torch.Tensor, ...]:
-        env = self.values(batch)
-        return tuple(env[n] for n in names)
+        return tuple(self._cache[batch][n] for n in names)
 
     @torch.no_grad()
     def _run(self, batch: int) -> dict[str, torch.Tensor]:
-        from asyncdiff.configs import example_inputs
+        from asyncdiff.profile import stage_inputs
 
-        sample, timestep, text, extra = example_inputs(
-            self.graph.config, batch, self.height, self.width, seed=self.seed)
-        env = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text, **extra}
-        temb = self.graph.time_embedding(timestep, sample.dtype, extra.get("text_embeds"),
-                                         extra.get("time_ids"))
-        h = sample
-        for stage in self.graph.stages:
-            h = env[stage.name] = stage(h, env[stage.skip] if stage.skip else None, temb, text)
-        return env
+        inputs = stage_inputs(self.graph, batch, self.height, self.width, seed=self.seed)
+        return self.graph.run(dict(inputs))
 
 
 def component_network(component, sampler: InterfaceSampler) -> Network:
@@ -314,6 +342,7 @@ def vae_decoder_network(vae: nn.Module, latent_height: int, latent_width: int,
         return (torch.randn(batch, channels, latent_height, latent_width, generator=g),)
 
     # force_upcast marks VAEs known to overflow in fp16 (SD-XL's): keep those fp32.
-    fp16_ok = not bool(getattr(vae.config, "force_upcast", False))
+    upcast = bool(getattr(vae.config, "force_upcast", False))
     return Network("vae_decoder", _VaeDecoder(vae).eval(), [VAE_INPUT], [VAE_OUTPUT], make,
-                   fp16_ok=fp16_ok)
+                   fp32_reason="its config sets force_upcast (it overflows in fp16)" if upcast
+                   else None)

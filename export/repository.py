@@ -6,18 +6,14 @@ Models (one folder each, ``config.pbtxt`` + version ``1/``):
   own GPU; otherwise the shared ``asyncdiff_component`` Python-based backend
   (onnxruntime or torch). Dynamic batching lets concurrent generations at the
   same step share one call.
-* ``text_encoder`` (``input_ids`` -> ``last_hidden_state``) and
-  ``vae_decoder`` (``latents`` -> ``image``, without the 1/scaling_factor
-  step, which the pipeline applies).
-* ``asyncdiff``: the pipeline (BLS) model, ``backend: "asyncdiff_pipeline"``;
-  its version folder holds ``partition.json``, the scheduler config and the
-  tokenizer files, so it can run without the diffusers pipeline folder.
+* the text encoder and the VAE decoder (names from ``asyncdiff.contract``;
+  the VAE without the 1/scaling_factor step, which the pipeline applies).
+* ``asyncdiff``: the pipeline (BLS) model. Its inputs and outputs are the
+  contract's, its parameters are exactly ``PipelineParams.to_parameters()``;
+  its version folder holds the partition, the scheduler config and the
+  tokenizer files, so it runs without the diffusers pipeline folder.
 
-Stride 2 without batched stride puts a second instance of the last component
-on one extra GPU (N+1 GPUs): in a round its two timesteps are two separate
-calls, and the second instance lets them run side by side. With
-``batched_stride`` the last component takes both timesteps as one doubled
-batch on its own GPU (N GPUs, one instance).
+Which GPU runs which instance is ``asyncdiff.placement.Placement``'s rule.
 """
 
 from __future__ import annotations
@@ -25,159 +21,90 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from export.onnx_export import TEXT_INPUT, TEXT_OUTPUT, VAE_INPUT, VAE_OUTPUT, IOSpec
+from asyncdiff.contract import (
+    INPUTS, MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, TEXT_ENCODER, VAE_DECODER,
+    IOField, PipelineParams,
+)
+from asyncdiff.placement import Placement
+from export.onnx_export import IOSpec
+from serve import deployment
 from export.triton_config import (
-    component_model_config, parse_config, python_model_config, tensor, tensorrt_model_config,
-    write_model,
+    FORCE_CPU_ONLY, ModelTensor, component_model_config, parse_config, python_model_config, tensor,
+    tensorrt_model_config, write_model,
 )
 
-PIPELINE_MODEL = "asyncdiff"
-PIPELINE_BACKEND = "asyncdiff_pipeline"
-TEXT_ENCODER = "text_encoder"
-VAE_DECODER = "vae_decoder"
-PARTITION_FILE = "partition.json"
-SCHEDULER_FILE = "scheduler/scheduler_config.json"  # the diffusers pipeline layout
-TOKENIZER_DIR = "tokenizer"
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
+NETWORK_MODELS = (TEXT_ENCODER.model, VAE_DECODER.model)
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a model's instances run: ``gpus`` empty means ``count`` CPU instances."""
-
-    gpus: tuple[int, ...] = ()
-    count: int = 1
-
-
-def component_placements(num_components: int, stride: int, batched_stride: bool,
-                         gpus: Sequence[int] | None) -> list[Placement]:
-    """Component k on ``gpus[k]``; plain stride 2 adds ``gpus[N]`` to the last component.
-
-    Without GPUs the extra instance of the last component is a second CPU instance.
-    """
-    extra = stride == 2 and not batched_stride
-    if gpus is None:
-        places = [Placement() for _ in range(num_components)]
-        if extra:
-            places[-1] = Placement(count=2)
-        return places
-    needed = num_components + int(extra)
-    if len(gpus) != needed:
-        why = " (stride 2 without --batched-stride adds one GPU for the last component)" if extra else ""
-        raise ValueError(f"--gpus lists {len(gpus)} GPUs; {needed} needed for "
-                         f"{num_components} components{why}")
-    places = [Placement((g,)) for g in gpus[:num_components]]
-    if extra:
-        places[-1] = Placement((gpus[num_components - 1], gpus[num_components]))
-    return places
-
-
-def triton_tensors(specs: Sequence[IOSpec]):
+def triton_tensors(specs: Sequence[IOSpec]) -> list[ModelTensor]:
     # Triton needs non-empty dims: a per-sample scalar (the [batch] timestep) is [1] reshaped to [].
     return [tensor(s.name, s.dtype, s.shape) if s.shape else tensor(s.name, s.dtype, [1], reshape=[])
             for s in specs]
 
 
 def network_config(name: str, inputs: Sequence[IOSpec], outputs: Sequence[IOSpec], backend: str,
-                   runtime: str, artifact: str, max_batch: int, place: Placement):
-    """The config of one network model (component, text encoder or VAE decoder)."""
+                   runtime: str, artifact: str, max_batch: int, gpus: Sequence[int], count: int,
+                   cuda_graphs: bool = False):
+    """The config of one network model: an instance on each of ``gpus``, or ``count`` on the CPU.
+    ``cuda_graphs``: a static-shape TensorRT plan, run through CUDA graphs."""
     ins, outs = triton_tensors(inputs), triton_tensors(outputs)
     if backend == "tensorrt":
-        if not place.gpus:
-            raise ValueError(f"{name}: the tensorrt backend needs a GPU placement")
-        config = tensorrt_model_config(name, ins, outs, gpu=place.gpus[0], max_batch_size=max_batch,
-                                       dynamic_batching=True)
-        # One group listing several GPUs = one instance on each of them.
-        config.instance_group[0].gpus.extend(place.gpus[1:])
+        if not gpus:
+            raise ValueError(f"{name}: the tensorrt backend needs GPUs (--gpus)")
+        config = tensorrt_model_config(name, ins, outs, gpu=gpus[0], max_batch_size=max_batch,
+                                       dynamic_batching=True, cuda_graphs=cuda_graphs)
+        config.instance_group[0].gpus.extend(gpus[1:])  # one group, one instance per GPU listed
         return config
-    kind = "gpu" if place.gpus else "cpu"
-    config = component_model_config(name, ins, outs, runtime=runtime, artifact=artifact,
-                                    max_batch_size=max_batch, instance_kind=kind,
-                                    gpus=list(place.gpus) or None, count=place.count)
+    return component_model_config(name, ins, outs, runtime=runtime, artifact=artifact,
+                                  max_batch_size=max_batch, instance_kind="gpu" if gpus else "cpu",
+                                  gpus=list(gpus) or None, count=1 if gpus else count)
+
+
+def model_placement(name: str, place: Placement) -> tuple[tuple[int, ...], int]:
+    """(GPU ids, CPU instance count) of a model: component k as the placement says; the
+    text encoder and VAE beside the pipeline."""
+    if name.startswith("unet_part_"):
+        k = int(name.rsplit("_", 1)[1])
+        return place.instance_gpus(k), place.instance_count(k)
+    return (() if place.pipeline_gpu is None else (place.pipeline_gpu,)), 1
+
+
+def _model_tensor(f: IOField, dims: Sequence[int] | None = None) -> ModelTensor:
+    return tensor(f.name, NUMPY_DTYPES[f.dtype], f.dims if dims is None else dims)
+
+
+def pipeline_config(params: PipelineParams):
+    """The BLS model: ``max_batch_size: 0``, one generation per request; the contract's IO."""
+    shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape}
+    outputs = [_model_tensor(f, shapes.get(f.name)) for f in OUTPUTS]
+    parameters = params.to_parameters()
+    # Triton's own: on a GPU, BLS responses stay in GPU memory instead of being copied to the host.
+    parameters[FORCE_CPU_ONLY] = "yes" if params.device == "cpu" else "no"
+    config = python_model_config(MODEL_NAME, [_model_tensor(f) for f in INPUTS], outputs,
+                                 backend=PIPELINE_BACKEND, max_batch_size=0, parameters=parameters)
+    for entry, f in zip(config.input, INPUTS):
+        entry.optional = not f.required
     return config
 
 
-@dataclass(frozen=True)
-class PipelineDefaults:
-    """Request defaults the BLS applies to omitted optional inputs."""
-
-    steps: int = 25
-    guidance_scale: float = 3.0
-    warmup: int = 1
-    scheduler: str = "ddim"
-    seed: int = 0
+def pipeline_params(config) -> PipelineParams:
+    """The parameters of a parsed pipeline config, as the BLS reads them."""
+    return PipelineParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
 
 
-def pipeline_inputs():
-    """PROMPT is required; the other inputs are optional (defaults in the parameters)."""
-    return [
-        tensor("PROMPT", np.object_, [1]), tensor("NEGATIVE_PROMPT", np.object_, [1]),
-        tensor("SEED", np.int64, [1]), tensor("STEPS", np.int32, [1]),
-        tensor("GUIDANCE_SCALE", np.float32, [1]), tensor("WARMUP", np.int32, [1]),
-        tensor("SCHEDULER", np.object_, [1]),
-    ]
-
-
-def pipeline_config(part, *, latent_shape: Sequence[int], image_shape: Sequence[int],
-                    dtype: str, vae_scaling_factor: float, defaults: PipelineDefaults,
-                    gpu: int | None = None):
-    """The BLS model: ``max_batch_size: 0``, one generation per request.
-
-    With ``gpu`` the BLS keeps latents and scheduler on that GPU and takes component
-    outputs as GPU tensors (no host round-trip per step).
-    """
-    height, width = image_shape
-    outputs = [tensor("IMAGE", np.uint8, [height, width, 3]),
-               tensor("LATENTS", np.float32, list(latent_shape))]
-    params = {
-        "model": part.model,
-        "components": part.num_components,
-        "stride": part.stride,
-        "batched_stride": str(part.batched_stride).lower(),
-        "layout": part.layout,
-        "unet_batch": part.batch,
-        "latent_shape": json.dumps(list(latent_shape)),
-        "image_shape": json.dumps([height, width, 3]),
-        "dtype": dtype,
-        "vae_scaling_factor": repr(float(vae_scaling_factor)),
-        "default_steps": defaults.steps,
-        "default_guidance_scale": repr(float(defaults.guidance_scale)),
-        "default_warmup": defaults.warmup,
-        "default_scheduler": defaults.scheduler,
-        "default_seed": defaults.seed,
-        "component_models": json.dumps([c.name for c in part.components]),
-        "latent_channels": latent_shape[0],
-        # Model and tensor names of the text encoder and VAE decoder calls.
-        "text_encoder": TEXT_ENCODER, "text_input": TEXT_INPUT, "text_output": TEXT_OUTPUT,
-        "vae_decoder": VAE_DECODER, "vae_input": VAE_INPUT, "vae_output": VAE_OUTPUT,
-        "partition_file": PARTITION_FILE,
-        "scheduler_config_file": SCHEDULER_FILE,
-        "tokenizer_dir": TOKENIZER_DIR,
-        "device": "cpu" if gpu is None else f"cuda:{gpu}",
-        # Let BLS responses stay in GPU memory instead of being copied to the host.
-        "FORCE_CPU_ONLY_INPUT_TENSORS": "yes" if gpu is None else "no",
-    }
-    config = python_model_config(PIPELINE_MODEL, pipeline_inputs(), outputs,
-                                 backend=PIPELINE_BACKEND, max_batch_size=0, parameters=params)
-    for entry in config.input:
-        entry.optional = entry.name != "PROMPT"
-    return config
-
-
-def pipeline_files(part, scheduler_config: Path, tokenizer_dir: Path) -> dict[str, object]:
+def pipeline_files(part, params: PipelineParams, scheduler_config: Path,
+                   tokenizer_dir: Path) -> dict[str, object]:
     """Files of the pipeline's version folder: name inside it -> source path or bytes."""
     files: dict[str, object] = {
-        PARTITION_FILE: json.dumps(part.to_json(), indent=1).encode(),
-        SCHEDULER_FILE: Path(scheduler_config),
+        params.partition_file: json.dumps(part.to_json(), indent=1).encode(),
+        params.scheduler_config_file: Path(scheduler_config),
     }
     for path in sorted(Path(tokenizer_dir).rglob("*")):
         if path.is_file():
-            files[f"{TOKENIZER_DIR}/{path.relative_to(tokenizer_dir)}"] = path
+            files[f"{params.tokenizer_dir}/{path.relative_to(tokenizer_dir)}"] = path
     return files
 
 
@@ -187,7 +114,7 @@ def write(repo: Path, config, files: Mapping[str, object] | None = None) -> Path
 
 def our_models(repo: Path) -> list[Path]:
     """Folders (and files) a previous export may have left in ``repo``."""
-    names = {PIPELINE_MODEL, TEXT_ENCODER, VAE_DECODER, "build_engines.sh"}
+    names = {MODEL_NAME, *NETWORK_MODELS, "build_engines.sh", deployment.FILE}
     return sorted(p for p in Path(repo).iterdir()
                   if p.name in names or p.name.startswith("unet_part_"))
 

@@ -19,6 +19,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 COMPONENT_BACKEND = "asyncdiff_component"
+# The python backend's own parameter: "no" lets a model receive GPU tensors (default "yes").
+FORCE_CPU_ONLY = "FORCE_CPU_ONLY_INPUT_TENSORS"
 Runtime = Literal["onnxruntime", "torch"]
 InstanceKind = Literal["cpu", "gpu"]
 FileSource = Union[str, Path, bytes]
@@ -61,7 +63,7 @@ def numpy_dtype(data_type: int | str) -> np.dtype:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class ModelTensor:
     """One input or output: dims exclude the batch dim when batching is on.
 
     ``reshape`` is the shape the model sees; Triton needs non-empty dims, so a
@@ -75,19 +77,19 @@ class TensorSpec:
 
 
 def tensor(name: str, dtype: DTypeLike, dims: Sequence[int],
-           reshape: Sequence[int] | None = None) -> TensorSpec:
+           reshape: Sequence[int] | None = None) -> ModelTensor:
     dims = tuple(int(d) for d in dims)
     if not dims or any(d < -1 or d == 0 for d in dims):
         raise ValueError(f"dims of {name!r}: {dims}; expected one or more positive sizes or -1 "
                          "(use dims=[1], reshape=[] for a per-sample scalar)")
     triton_dtype(dtype)  # validate early
-    return TensorSpec(name, np.dtype(dtype), dims, None if reshape is None else tuple(reshape))
+    return ModelTensor(name, np.dtype(dtype), dims, None if reshape is None else tuple(reshape))
 
 
 def python_model_config(
     name: str,
-    inputs: Iterable[TensorSpec],
-    outputs: Iterable[TensorSpec],
+    inputs: Iterable[ModelTensor],
+    outputs: Iterable[ModelTensor],
     *,
     backend: str = "python",
     max_batch_size: int = 0,
@@ -111,8 +113,8 @@ def python_model_config(
 
 def component_model_config(
     name: str,
-    inputs: Iterable[TensorSpec],
-    outputs: Iterable[TensorSpec],
+    inputs: Iterable[ModelTensor],
+    outputs: Iterable[ModelTensor],
     runtime: Runtime,
     artifact: str,
     max_batch_size: int,
@@ -124,10 +126,15 @@ def component_model_config(
 ) -> mc.ModelConfig:
     """One network served by ``backends/asyncdiff_component/model.py``.
 
-    Dynamic batching is only enabled when ``max_batch_size > 0``.
+    Dynamic batching is only enabled when ``max_batch_size > 0``. A torch network on GPUs
+    takes its inputs where they are (FORCE_CPU_ONLY_INPUT_TENSORS "no", read through DLPack);
+    onnxruntime reads host arrays, so Triton keeps copying its inputs to the host.
     """
     if runtime not in ("onnxruntime", "torch"):
         raise ValueError(f"runtime: {runtime!r}; expected 'onnxruntime' or 'torch'")
+    parameters = {"runtime": runtime, "artifact": artifact}
+    if runtime == "torch" and instance_kind == "gpu":
+        parameters[FORCE_CPU_ONLY] = "no"
     return python_model_config(
         name, inputs, outputs,
         backend=COMPONENT_BACKEND,
@@ -137,24 +144,30 @@ def component_model_config(
         count=count,
         dynamic_batching=dynamic_batching and max_batch_size > 0,
         max_queue_delay_us=max_queue_delay_us,
-        parameters={"runtime": runtime, "artifact": artifact},
+        parameters=parameters,
     )
 
 
 def tensorrt_model_config(
     name: str,
-    inputs: Iterable[TensorSpec],
-    outputs: Iterable[TensorSpec],
+    inputs: Iterable[ModelTensor],
+    outputs: Iterable[ModelTensor],
     gpu: int,
     max_batch_size: int = 0,
     count: int = 1,
     dynamic_batching: bool = False,
     max_queue_delay_us: int = 100,
     plan_file: str = "model.plan",
+    cuda_graphs: bool = False,
 ) -> mc.ModelConfig:
-    """A TensorRT engine pinned to one GPU (needs a server with the tensorrt backend)."""
+    """A TensorRT engine pinned to one GPU (needs a server with the tensorrt backend).
+
+    ``cuda_graphs``: the backend captures the engine's launches as CUDA graphs (static shapes).
+    """
     config = _base(name, inputs, outputs, max_batch_size)
     config.platform = "tensorrt_plan"
+    if cuda_graphs:
+        config.optimization.cuda.graphs = True
     config.default_model_filename = plan_file
     config.instance_group.append(_instance_group("gpu", [gpu], count))
     if dynamic_batching:
@@ -199,7 +212,7 @@ def write_model(
     return model_dir
 
 
-def _base(name: str, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec],
+def _base(name: str, inputs: Iterable[ModelTensor], outputs: Iterable[ModelTensor],
           max_batch_size: int) -> mc.ModelConfig:
     if max_batch_size < 0:
         raise ValueError(f"max_batch_size: {max_batch_size}; expected >= 0")
@@ -213,7 +226,7 @@ def _base(name: str, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]
     return config
 
 
-def _set_reshape(entry: mc.ModelInput | mc.ModelOutput, spec: TensorSpec) -> None:
+def _set_reshape(entry: mc.ModelInput | mc.ModelOutput, spec: ModelTensor) -> None:
     if spec.reshape is not None:
         entry.reshape.SetInParent()  # an empty shape is meaningful: present but []
         entry.reshape.shape.extend(spec.reshape)

@@ -1,6 +1,7 @@
 """Run tritonserver on a model repository until Ctrl-C or SIGTERM.
 
-    python -m serve --model-repository model_repository [--http-port 8000] [-- --log-verbose=1]
+    python -m serve --model-repository model_repository [--http-port 8000]
+                    [--cuda-memory-pool-mb MB] [-- --log-verbose=1]
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="server log (default: <workdir>/logs/server-<http port>.log)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--cuda-memory-pool-mb", type=int, default=None,
+                        help="CUDA memory pool per GPU the repository uses (default: the size "
+                        "export recommends in deployment.json; ignored on a CPU-only host)")
     parser.add_argument("extra_args", nargs="*", metavar="-- TRITONSERVER_ARG",
                         help="passed to tritonserver as is, e.g. -- --log-verbose=1")
     return parser.parse_args(argv)
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(
         model_repository=args.model_repository, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_file=args.log_file,
-        extra_args=args.extra_args, workdir=args.workdir, startup_timeout=args.startup_timeout)
+        extra_args=args.extra_args, workdir=args.workdir, startup_timeout=args.startup_timeout,
+        cuda_memory_pool_mb=args.cuda_memory_pool_mb)
     try:
         server.start()
         print(f"HTTP    {server.http_url}\ngRPC    {server.grpc_url}\n"

@@ -20,8 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--prompt", default="a handwritten digit 7")
     p.add_argument("--out", default="digit.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--seed", type=int, help="default: the model's")
+    p.add_argument("--steps", type=int, help="default: the model's")
     return p.parse_args(argv)
 
 
@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         print(f"tritonserver ready in {time.perf_counter() - started:.1f} s "
               f"(HTTP {server.http_url}, gRPC {server.grpc_url})", flush=True)
+        given = [(flag, value) for flag, value in (("--seed", args.seed), ("--steps", args.steps))
+                 if value is not None]
         return client_main([args.prompt, "--url", server.grpc_url, "--out", args.out,
-                            "--seed", str(args.seed), "--steps", str(args.steps)])
+                            *(str(x) for pair in given for x in pair)])
     except ServerError as exc:
         print(exc, file=sys.stderr)
         return 1

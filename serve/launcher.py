@@ -29,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve import deployment
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never call this folder "triton": on sys.path it shadows the triton package torch imports.
 DEFAULT_WORKDIR = REPO_ROOT / ".tritonserver"
@@ -141,6 +143,17 @@ def _gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
+def host_args(repo: Path, gpu_visible: bool,
+              cuda_memory_pool_mb: int | None = None) -> list[str]:
+    """Flags that depend on the host: on a GPU host the CUDA memory pool of each GPU the
+    repository uses (``deployment.json``; ``cuda_memory_pool_mb`` overrides its size); on a
+    CPU-only host no CUDA flags at all."""
+    if gpu_visible:
+        return deployment.server_args(repo, cuda_memory_pool_mb)
+    # Silences CUDA/NVML/DCGM probes that only fail on a CPU-only host.
+    return ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
+
+
 @dataclass
 class TritonServer:
     """A tritonserver process bound to 127.0.0.1; ports left as None are picked free."""
@@ -151,6 +164,7 @@ class TritonServer:
     metrics_port: int | None = None
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    cuda_memory_pool_mb: int | None = None  # per GPU; None: the repository's recommendation
     workdir: Path = DEFAULT_WORKDIR
     startup_timeout: float = 120.0
     stop_timeout: float = 30.0
@@ -256,10 +270,8 @@ class TritonServer:
             f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=5",
         ]
-        if not _gpu_visible():
-            # Silences CUDA/NVML/DCGM probes that only fail on a CPU-only host.
-            args += ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
-        return args + list(self.extra_args)
+        host = host_args(repo, _gpu_visible(), self.cuda_memory_pool_mb)
+        return args + host + list(self.extra_args)
 
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/health/ready"

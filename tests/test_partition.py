@@ -110,3 +110,83 @@ def test_time_metric_follows_the_unet_dtype():
     unet = load_unet("sd15").to(torch.float64)
     part = partition_unet(unet, 2, model="sd15", metric="time")
     assert part.cost_metric == "time" and all(c.cost > 0 for c in part.components)
+
+
+def test_cuts_reproduce_the_asyncdiff_sd21_three_way_split(small_unets):
+    # asyncdiff/pipe_config.py, SD 2.1, N=3: conv_in, D0-D3 | mid, U0, U1, U2 | U3, out.
+    part = partition_unet(small_unets["sd21"], None, model="sd21", cuts=["mid", "up3_0"])
+    names = part.stage_names
+    mid, up3 = names.index("mid"), names.index("up3_0")
+    assert [c.stages for c in part.components] == [names[:mid], names[mid:up3], names[up3:]]
+    assert all(s.startswith(("conv_in", "down")) for s in part.components[0].stages)
+    assert part.components[1].stages[-1] == "up2_us"
+    assert part.cuts == ["mid", "up3_0"]
+
+
+def test_cuts_reproduce_the_asyncdiff_sdxl_outer_ring(small_unets):
+    # SDXL, N=2: D2, mid, U0.{r0,a0,r1,a1} | conv_in, D0, D1, U0.{r2,a2}, U0.ups, U1, U2, out.
+    part = partition_unet(small_unets["sdxl"], 2, model="sdxl", layout="outer_ring",
+                          cuts=["down2_0", "up0_2"])
+    assert part.components[0].stages == ["down2_0", "down2_1", "mid", "up0_0", "up0_1"]
+    ring = part.components[1].stages
+    assert ring[:6] == ["conv_in", "down0_0", "down0_1", "down0_ds", "down1_0", "down1_1"]
+    assert ring[7:9] == ["up0_2", "up0_us"] and ring[-1] == "conv_out"
+    assert part.cuts == ["down2_0", "up0_2"]
+
+
+@pytest.mark.parametrize("name, layout", [("sd15", "sequential"), ("sdxl", "outer_ring")])
+def test_balanced_partition_round_trips_through_its_cuts(small_unets, name, layout):
+    kw = dict(model=name, stride=2, batched_stride=True, layout=layout)
+    balanced = partition_unet(small_unets[name], 3, **kw)
+    assert len(balanced.cuts) == (2 if layout == "sequential" else 3)
+    assert partition_unet(small_unets[name], 3, cuts=balanced.cuts, **kw) == balanced
+
+
+@pytest.mark.parametrize("cuts, n, message", [
+    (["mid", "up9_0"], None, r"'up9_0' is not a stage; stages: conv_in, down0_0, "),
+    (["conv_in"], None, r"'conv_in' is the first stage; .* must be one of down0_0, "),
+    (["up3_0", "mid"], None, r"strictly increasing in stage order: 'mid' comes at or before "
+                             r"'up3_0' \(order: conv_in, "),
+    (["mid", "mid"], None, r"strictly increasing"),
+    (["mid"], 3, r"components=3 disagrees with cuts mid: 1 cuts make 2 components"),
+])
+def test_bad_cuts_name_the_stage_and_the_valid_ones(sd15, cuts, n, message):
+    with pytest.raises(ValueError, match=message):
+        partition_unet(sd15, n, model="sd15", cuts=cuts)
+
+
+def test_outer_ring_cuts_need_both_ends(small_unets):
+    with pytest.raises(ValueError, match="outer_ring needs at least 2 cuts"):
+        partition_unet(small_unets["sdxl"], None, model="sdxl", layout="outer_ring", cuts=["mid"])
+
+
+def test_cli_cuts_and_projected_speedup(tmp_path, capsys):
+    from asyncdiff.cost import balanced, project
+    from asyncdiff.partition import main
+    from asyncdiff.placement import Placement
+    from asyncdiff.schedule import make_plan
+
+    main(["--model", "sd15", "--cuts", "mid,up3_0", "--steps", "20", "--warmup", "3",
+          "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    part = Partition.load(tmp_path / "p.json")
+    assert part.cuts == ["mid", "up3_0"] and part.num_components == 3
+    want = project(make_plan(20, 3, 1, 3), Placement(3), [c.cost for c in part.components])
+    assert f"projected speedup {want.speedup:.2f}x for T=20 w=3" in out
+    assert "free communication" in out
+    # An unequal cut projects below the balanced ideal of the same plan.
+    ideal = project(make_plan(20, 3, 1, 3), Placement(3), balanced(3)).speedup
+    assert want.speedup < ideal
+
+
+def test_cli_needs_components_or_cuts(capsys):
+    from asyncdiff.partition import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "sd15"])
+    assert exit_.value.code == 2 and "give --components or --cuts" in capsys.readouterr().err
+
+
+def test_balancer_needs_a_component_count(sd15):
+    with pytest.raises(ValueError, match="give the number of components or cuts"):
+        partition_unet(sd15, None, model="sd15")

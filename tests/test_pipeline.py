@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from asyncdiff.pipeline import AsyncDiffPipeline, Request, make_scheduler, token_ids
+from asyncdiff.contract import Request
+from asyncdiff.generation import make_scheduler
+from asyncdiff.pipeline import AsyncDiffPipeline, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +67,31 @@ def test_same_seed_same_image(sd):
         (dict(scheduler="pndm"), "SCHEDULER"),
     ],
 )
-def test_request_validation_names_the_field(fields, name):
+def test_pipeline_rejects_a_bad_request_naming_the_field(sd, fields, name):
     req = Request(**{"prompt": "7", **fields})
     with pytest.raises(ValueError, match=name):
-        req.validate()
+        AsyncDiffPipeline(sd, components=1).generation(req)
 
 
 def test_overlong_prompt_is_rejected(sd):
     with pytest.raises(ValueError, match="PROMPT is .* tokens"):
         token_ids(sd.tokenizer, "seven " * 100)
     assert token_ids(sd.tokenizer, "seven").shape == (1, 77)
+    with pytest.raises(ValueError, match="NEGATIVE_PROMPT is .* tokens"):
+        AsyncDiffPipeline(sd, components=1).encode_text("seven", "seven " * 100)
+
+
+def test_token_ids_pad_like_the_tokenizer(sd):
+    """One tokenizer run, padded by hand, gives the tokenizer's own max_length padding."""
+    for prompt in ("", "the number seven", "seven " * 75):
+        want = sd.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert token_ids(sd.tokenizer, prompt).tolist() == [want]
+
+
+def test_explicit_cuts_reach_the_partition(sd):
+    balanced = AsyncDiffPipeline(sd, components=2).partition
+    other = next(n for n in balanced.stage_names[1:] if n not in balanced.cuts)
+    pipe = AsyncDiffPipeline(sd, cuts=[other])
+    assert pipe.partition.num_components == 2 and pipe.partition.cuts == [other]
+    assert pipe.partition.components[1].stages[0] == other
+    assert pipe(Request("digit 4", steps=3, seed=9)).shape == (16, 16, 3)

@@ -73,6 +73,19 @@ class ActivationCache:
                 if name != NOISE_PRED:
                     self.values[name] = (step, value)
 
+    def receive(self, name: str, produced_step: int, value: Any) -> None:
+        """Hand over an activation computed elsewhere (another rank) at ``produced_step``."""
+        self.values[name] = (produced_step, value)
+
+    def receive_noise_pred(self, step: int, value: Any) -> None:
+        """Hand over ``step``'s noise prediction computed elsewhere."""
+        src = self.plan.steps[step].eps
+        self.eps[(src.component, src.timestep_index, src.computed_at_step)] = value
+
+    def drop_noise_preds(self) -> None:
+        """Forget every noise prediction (an executor that sent them away keeps none)."""
+        self.eps.clear()
+
     def noise_pred(self, step: int) -> Any:
         """The noise prediction of ``step``; older predictions are dropped."""
         src = self.plan.steps[step].eps

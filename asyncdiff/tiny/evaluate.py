@@ -62,7 +62,7 @@ class StepCosine:
 def generate(pipe, prompts, seeds, args):
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     out = pipe(list(prompts), num_inference_steps=args.steps,
-               guidance_scale=args.guidance, generator=gens,
+               guidance_scale=args.guidance_scale, generator=gens,
                output_type="np")
     return out.images
 
@@ -152,7 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="1 seed per prompt (60 pairs) and 10 cosine prompts")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--batch", type=int, default=30)
     p.add_argument("--model", type=Path, default=MODEL_DIR)
     p.add_argument("--out", type=Path, default=RESULT)
@@ -174,7 +174,7 @@ def main(argv=None):
         pipe, random_unet(pipe.unet.config), args)
     res = {
         "quick": args.quick, "scheduler": type(pipe.scheduler).__name__,
-        "steps": args.steps, "guidance_scale": args.guidance,
+        "steps": args.steps, "guidance_scale": args.guidance_scale,
         "model_folder_bytes": folder_bytes(args.model),
         "classifier_heldout_accuracy": classifier_accuracy(),
         "sequential": prompt_accuracy(pipe, args),

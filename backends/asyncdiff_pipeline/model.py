@@ -1,43 +1,32 @@
 """Triton Python-based backend ``asyncdiff_pipeline``: text-to-image with the AsyncDiff schedule.
 
-Per request: validate -> tokenize -> ``text_encoder`` -> seeded latents ->
-for every step the core plan's waves, each wave's component requests sent at
-once (``async_exec`` + ``asyncio.gather``) -> diffusers scheduler step ->
-``vae_decoder``.  Routing of activations between components is the core
-``ActivationCache``; this file is only the Triton glue.
+Per request: parse and validate (``asyncdiff.contract``) -> tokenize ->
+``text_encoder`` -> a core ``Generation`` (seeded latents, plan, activation
+cache, guidance, scheduler) whose waves of component calls are sent at once
+(``async_exec`` + ``asyncio.gather``) -> ``vae_decoder``.  Everything but how
+a wave reaches Triton is core code; this file is only the Triton glue.
 
 Activations are never converted here: a component's output tensor is named
 like the input it feeds (the producing stage's name), so the response tensor
-object is passed on as the next request's input.  Only the latent going in
-and the noise prediction coming out cross into torch, through DLPack when
-they live on a GPU.
+object is passed on as the next request's input.  Only the latent going in,
+the timestep (once per timestep index) and the noise prediction coming out
+cross between torch and Triton, through DLPack when they live on a GPU.
 """
 
 import asyncio
-import dataclasses
 import json
-import math
 import os
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from asyncdiff.contract import PipelineParams, Request
+from asyncdiff.generation import Generation, latent_input
 from asyncdiff.partition import Partition
-from asyncdiff.pipeline import (
-    Request, denoise_steps, initial_latents, make_scheduler, to_uint8_image, token_ids,
-)
-from asyncdiff.runners.cache import ActivationCache
-from asyncdiff.schedule import make_plan
+from asyncdiff.pipeline import to_uint8_image, token_ids
 
-OPTIONAL_INPUTS = {  # input name -> (Request field, python type)
-    "NEGATIVE_PROMPT": ("negative_prompt", str),
-    "SEED": ("seed", int),
-    "STEPS": ("steps", int),
-    "GUIDANCE_SCALE": ("guidance_scale", float),
-    "WARMUP": ("warmup", int),
-    "SCHEDULER": ("scheduler", str),
-}
+TEXT_STATES = "encoder_hidden_states"  # the components' name of the text encoder's output
 
 
 class ComponentError(RuntimeError):
@@ -47,36 +36,27 @@ class ComponentError(RuntimeError):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.params = PipelineParams.from_parameters(
+            {k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+        p = self.params
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.partition = Partition.load(os.path.join(version_dir, "partition.json"))
-        with open(os.path.join(version_dir, "scheduler", "scheduler_config.json")) as f:
+        self.partition = Partition.load(os.path.join(version_dir, p.partition_file))
+        latent = latent_input(self.partition).shape[1:]
+        if tuple(latent) != tuple(p.latent_shape):
+            raise ValueError(f"latent_shape {list(p.latent_shape)} disagrees with "
+                             f"{p.partition_file} ({latent})")
+        with open(os.path.join(version_dir, p.scheduler_config_file)) as f:
             self.scheduler_config = json.load(f)
         from transformers import CLIPTokenizer
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(version_dir, "tokenizer"))
-        self.defaults = Request(
-            prompt="",
-            steps=int(params.get("default_steps", 25)),
-            guidance_scale=float(params.get("default_guidance_scale", 3.0)),
-            warmup=int(params.get("default_warmup", 1)),
-            scheduler=params.get("default_scheduler", "ddim"),
-            seed=int(params.get("default_seed", 0)),
-        )
-        self.vae_scale = float(params.get("vae_scaling_factor", 1.0))
-        self.timeout_s = float(params.get("component_timeout_s", 120))
-        self.device = torch.device(params.get("device", "cpu"))
+        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(version_dir, p.tokenizer_dir))
+        self.device = torch.device(p.device)
+        self.dtypes = {name: getattr(torch, dtype) for name, dtype in p.dtypes.items()}
         # GPU deployments ask for component outputs in this GPU's memory (DLPack, no host copy).
         self.memory = {}
         if self.device.type == "cuda":
             self.memory = {"preferred_memory": pb_utils.PreferredMemory(
                 pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)}
-        self.latent_shape = (1, int(params["latent_channels"]),
-                             self.partition.latent_height, self.partition.latent_width)
-        self.names = {k: params.get(k, d) for k, d in (
-            ("text_encoder", "text_encoder"), ("text_input", "input_ids"),
-            ("text_output", "last_hidden_state"), ("vae_decoder", "vae_decoder"),
-            ("vae_input", "latents"), ("vae_output", "image"))}
         self.orphans = set()  # component calls that timed out but are still running in Triton
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
 
@@ -88,15 +68,17 @@ class TritonPythonModel:
 
     # -- one request ---------------------------------------------------------
     async def _respond(self, request):
-        try:
-            req = self._parse(request)
-            req.validate()
-            image, latents = await self._generate(req)
-        except ValueError as exc:  # bad input: the client's to fix
+        try:  # only parsing and validation are the client's to fix
+            req = Request.from_inputs(lambda name: _input(request, name), self.params.defaults)
+            ids = np.concatenate([token_ids(self.tokenizer, text, name) for text, name in (
+                (req.negative_prompt, "NEGATIVE_PROMPT"), (req.prompt, "PROMPT"))])
+        except ValueError as exc:
             return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+        try:
+            image, latents = await self._generate(req, ids)
         except ComponentError as exc:
             return _error(str(exc), pb_utils.TritonError.INTERNAL)
-        except Exception as exc:  # a bug must fail this request only, not its batch-mates
+        except Exception as exc:  # a server-side fault fails this request only, not its batch-mates
             pb_utils.Logger.log_error(f"asyncdiff: {type(exc).__name__}: {exc}")
             return _error(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=[
@@ -104,75 +86,61 @@ class TritonPythonModel:
             pb_utils.Tensor("LATENTS", latents[0].cpu().numpy().astype(np.float32)),
         ])
 
-    def _parse(self, request) -> Request:
-        fields = {"prompt": _scalar(request, "PROMPT", str)}
-        for name, (field, kind) in OPTIONAL_INPUTS.items():
-            value = _scalar(request, name, kind, required=False)
-            if value is not None:
-                fields[field] = value
-        return dataclasses.replace(self.defaults, **fields)
-
-    async def _generate(self, req: Request):
-        scheduler = make_scheduler(req.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(req.steps, device=self.device)
-        # Built once per request: every component call of every step reuses this tensor.
-        text = _from_torch("encoder_hidden_states", await self._encode(req))
-        plan = make_plan(req.steps, self.partition.num_components, self.partition.stride, req.warmup)
-        cache = ActivationCache(self.partition, plan)
-        latents = initial_latents(req.seed, self.latent_shape, scheduler.init_noise_sigma)
-        loop = denoise_steps(scheduler, latents.to(self.device), req.guidance_scale)
-        try:
-            step = next(loop)
-            while True:
-                step = loop.send(await self._noise_pred(cache, *step, text, scheduler.timesteps))
-        except StopIteration as done:
-            latents = done.value
-        image = await self._decode(latents)
-        return image, latents
+    async def _generate(self, req: Request, ids: np.ndarray):
+        text = await self._encode(ids)
+        gen = Generation(self.partition, [req], {TEXT_STATES: text}, self.scheduler_config,
+                         device=self.device, to_executor=self._to_triton, from_executor=self._noise_pred)
+        latents = await gen.run_async(self._wave)
+        return await self._decode(latents), latents
 
     # -- model calls ---------------------------------------------------------
-    async def _encode(self, req: Request):
-        ids = np.concatenate([token_ids(self.tokenizer, p) for p in (req.negative_prompt, req.prompt)])
-        out = await self._infer(self.names["text_encoder"],
-                                [pb_utils.Tensor(self.names["text_input"], ids)],
-                                [self.names["text_output"]])
-        return _to_torch(out[self.names["text_output"]], self.device)
+    async def _wave(self, calls):
+        return await asyncio.gather(*(
+            self._infer(c.model, list(c.inputs.values()), c.output_names) for c in calls))
+
+    async def _encode(self, ids: np.ndarray):
+        """[uncond; cond] text states as the components' input tensor."""
+        net = self.params.text_encoder
+        out = (await self._infer(net.model, [pb_utils.Tensor(net.input, ids)], [net.output]))[net.output]
+        if self.dtypes.get(net.output) == self.dtypes.get(TEXT_STATES):  # renaming will do
+            return pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())
+        return self._to_triton(TEXT_STATES, _to_torch(out, self.device))
 
     async def _decode(self, latents):
-        z = _from_torch(self.names["vae_input"], latents / self.vae_scale)
-        out = await self._infer(self.names["vae_decoder"], [z], [self.names["vae_output"]])
-        return to_uint8_image(_to_torch(out[self.names["vae_output"]], torch.device("cpu")))
+        net = self.params.vae_decoder
+        z = self._to_triton(net.input, latents / self.params.vae_scaling_factor)
+        out = await self._infer(net.model, [z], [net.output])
+        image = to_uint8_image(_to_torch(out[net.output], torch.device("cpu")))
+        if image.shape != tuple(self.params.image_shape):  # a server-side fault: INTERNAL
+            raise ValueError(f"{net.model} returned an image of shape {list(image.shape)}, "
+                               f"expected image_shape {list(self.params.image_shape)}")
+        return image
 
-    async def _noise_pred(self, cache, step, model_input, text_in, timesteps):
-        sample = _from_torch("sample", model_input)
-        for wave in cache.waves(step):
-            outs = await asyncio.gather(*(
-                self._component(cache, step, call, sample, text_in, timesteps) for _, call in wave))
-            for (pos, _), out in zip(wave, outs):
-                cache.record(step, pos, out)
-        return _to_torch(cache.noise_pred(step), self.device)
+    def _to_triton(self, name, tensor):
+        """torch -> a Triton tensor of the served dtype, without a host copy on a GPU."""
+        if name == "timestep":  # components declare the per-sample timestep as [1]: [batch, 1]
+            tensor = tensor.reshape(-1, 1)
+        tensor = tensor.to(self.dtypes.get(name, tensor.dtype)).contiguous()
+        if tensor.is_cuda:
+            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
+        return pb_utils.Tensor(name, tensor.numpy())
 
-    async def _component(self, cache, step, call, sample, text_in, timesteps):
-        spec = self.partition.components[call.component]
-        inputs = cache.inputs(step, call, sample)
-        # [batch, 1]: the component config declares the per-sample timestep as [1] reshaped to [].
-        t = timesteps[call.timestep_index].float().reshape(1, 1).expand(self.latent_shape[0] * 2, 1)
-        extra = {"timestep": _from_torch("timestep", t.contiguous()), "encoder_hidden_states": text_in}
-        tensors = [inputs[n] if n in inputs else extra[n] for n in spec.input_names]
-        return await self._infer(spec.name, tensors, spec.output_names)
+    def _noise_pred(self, tensor):
+        return _to_torch(tensor, self.device).to(torch.float32)
 
     async def _infer(self, model, tensors, outputs):
         request = pb_utils.InferenceRequest(
             model_name=model, inputs=tensors, requested_output_names=outputs, **self.memory)
         future = asyncio.ensure_future(request.async_exec())
+        timeout = self.params.component_timeout_s
         try:
             # shield: a timed-out call is not cancelled. Cancelling a BLS future that Triton
             # still owns crashed the server (Signal 11) once its model was later unloaded.
-            response = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            response = await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
             self.orphans.add(future)  # keep it alive until Triton answers, then drop it
             future.add_done_callback(self.orphans.discard)
-            raise ComponentError(f"model '{model}' did not answer within {self.timeout_s:g} s")
+            raise ComponentError(f"model '{model}' did not answer within {timeout:g} s")
         if response.has_error():
             raise ComponentError(f"model '{model}' failed: {response.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
@@ -182,32 +150,9 @@ def _error(message, code):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
-def _scalar(request, name, kind, required=True):
-    """The single element of a [1]-shaped input, converted and range-checked by the caller."""
+def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        if required:
-            raise ValueError(f"{name} is required")
-        return None
-    array = tensor.as_numpy()
-    if array.size != 1:
-        raise ValueError(f"{name} must hold exactly one element, got shape {list(array.shape)}")
-    value = array.reshape(-1)[0]
-    if kind is str:
-        try:
-            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        except UnicodeDecodeError:
-            raise ValueError(f"{name} must be valid UTF-8")
-    if kind is float and not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {float(value)}")
-    return kind(value)
-
-
-def _from_torch(name, tensor):
-    """torch -> Triton tensor without a host copy when the tensor is on a GPU."""
-    if tensor.is_cuda:
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
-    return pb_utils.Tensor(name, tensor.contiguous().numpy())
+    return None if tensor is None else tensor.as_numpy()
 
 
 def _to_torch(tensor, device):

@@ -4,7 +4,8 @@
     python -m client.perf.run_perf --concurrency 1,8 --json perf.json \\
         --bls-composing-models text_encoder,unet_part_0,unet_part_1,vae_decoder
 
-Each concurrency is one fixed-length perf_analyzer run (time windows, 3 trials,
+The requests cycle through ten prompts (``PERF_REQUESTS``; --input-data takes
+another perf_analyzer JSON file). Each concurrency is one fixed-length perf_analyzer run (time windows, 3 trials,
 stability check off), so a slow or noisy CPU host still finishes. Prints
 throughput and p50/p99 latency per concurrency; with --bls-composing-models
 also each component's server-side figures, which perf_analyzer reports only
@@ -31,8 +32,11 @@ from dataclasses import asdict, dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_INPUT_DATA = HERE / "prompts.json"
+from asyncdiff.contract import INPUT_BY_FIELD, MODEL_NAME, Request
+from client.infer import PROTOCOLS, default_url
+
+PERF_REQUESTS = tuple(Request(f"a handwritten digit {d}", seed=d, steps=10) for d in range(10))
+PERF_FIELDS = ("prompt", "seed", "steps")  # the inputs sent; the model's defaults apply to the rest
 APT_HINT = "apt-get install -y libb64-0d"
 
 
@@ -127,6 +131,11 @@ def perf_env(binary: Path, env: dict[str, str] | None = None) -> dict[str, str]:
             raise PerfError(f"{binary} cannot load {', '.join(missing)}{hint}; "
                             "libcudart.so.12 comes from the nvidia-cuda-runtime-cu12 wheel")
     return env
+
+
+def input_data(requests=PERF_REQUESTS, only=PERF_FIELDS) -> dict:
+    """perf_analyzer's --input-data: {"data": [{input name: [value]}, ...]}, dims [1] each."""
+    return {"data": [{INPUT_BY_FIELD[n].name: [getattr(r, n)] for n in only} for r in requests]}
 
 
 # -------------------------------------------------------------------- parsing
@@ -229,10 +238,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="host:port (default: 127.0.0.1:$GRPC_PORT or 8001; "
                                  "$HTTP_PORT or 8000 with --protocol http)")
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--model", default="asyncdiff")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    p.add_argument("--model", default=MODEL_NAME)
     p.add_argument("--concurrency", default="1,2,4", help="comma-separated (default: %(default)s)")
-    p.add_argument("--input-data", type=Path, default=DEFAULT_INPUT_DATA)
+    p.add_argument("--input-data", type=Path, help="perf_analyzer JSON (default: PERF_REQUESTS)")
     p.add_argument("--measurement-interval", type=int, default=5000,
                    help="ms per window; must span several requests (default: %(default)s)")
     p.add_argument("--bls-composing-models", help="e.g. unet_part_0,unet_part_1")
@@ -247,22 +256,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
     if not args.concurrency_levels or min(args.concurrency_levels) < 1:
         p.error("--concurrency needs integers >= 1")
-    if not args.url:
-        var, port = ("GRPC_PORT", 8001) if args.protocol == "grpc" else ("HTTP_PORT", 8000)
-        args.url = f"127.0.0.1:{os.environ.get(var, port)}"
+    args.url = args.url or default_url(args.protocol)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if not args.input_data.is_file():
+        if args.input_data is not None and not args.input_data.is_file():
             raise PerfError(f"input data {args.input_data} not found")
         binary = find_perf_analyzer()
         env = perf_env(binary)
         with tempfile.TemporaryDirectory() as tmp:
             workdir = args.workdir or Path(tmp)
             workdir.mkdir(parents=True, exist_ok=True)
+            if args.input_data is None:
+                args.input_data = workdir / "prompts.json"
+                args.input_data.write_text(json.dumps(input_data()))
             levels = []
             for concurrency in args.concurrency_levels:
                 print(f"concurrency {concurrency}: measuring 3 x {args.measurement_interval} ms ...",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from asyncdiff.pipeline import AsyncDiffPipeline, Request
+from asyncdiff.contract import INPUT_BY_NAME, Request
+from asyncdiff.pipeline import AsyncDiffPipeline
 
 STEPS = 8
 PROMPT = "a handwritten digit 7"
@@ -36,17 +39,12 @@ def grpc_inputs(prompt=PROMPT, **scalars):
 
 
 def _inputs(mod, prompt, scalars):
-    types = {"SEED": np.int64, "STEPS": np.int32, "WARMUP": np.int32, "GUIDANCE_SCALE": np.float32}
-    values = {"PROMPT": prompt, **scalars}
+    """Inputs typed by the contract; raw bytes go out as they are (invalid UTF-8 tests)."""
     inputs = []
-    for name, value in values.items():
-        if isinstance(value, (str, bytes)):
-            arr = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-            dtype = "BYTES"
-        else:
-            arr = np.array([value], dtype=types[name])
-            dtype = {np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}[types[name]]
-        inp = mod.InferInput(name, list(arr.shape), dtype)
+    for name, value in {"PROMPT": prompt, **scalars}.items():
+        field = INPUT_BY_NAME[name]
+        arr = np.array([value], dtype=np.object_) if isinstance(value, bytes) else field.encode(value)
+        inp = mod.InferInput(name, list(arr.shape), field.dtype)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
     return inputs
@@ -147,7 +145,7 @@ def test_missing_component_is_named_then_recovers(server):
 
 def test_killed_component_is_named_then_recovers(server):
     """A crashed component stub fails the request naming it; reloading the model recovers."""
-    os.kill(_stub_pid("unet_part_0"), signal.SIGKILL)
+    os.kill(_stub_pid(server, "unet_part_0"), signal.SIGKILL)
     with pytest.raises(InferenceServerException, match="unet_part_0"):
         generate(server, SEED=2, STEPS=STEPS)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
@@ -159,24 +157,43 @@ def test_killed_component_is_named_then_recovers(server):
     assert image.shape == (16, 16, 3)
 
 
-def test_component_timeout_is_an_error_not_a_hang(server):
+@contextlib.contextmanager
+def pipeline_parameters(server, **params):
+    """The ``asyncdiff`` model reloaded with some parameters changed, its own config after."""
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         original = client.get_model_config("asyncdiff", as_json=True)["config"]
         config = json.loads(json.dumps(original))
-        config["parameters"]["component_timeout_s"] = {"string_value": "0.001"}
+        config["parameters"].update({k: {"string_value": v} for k, v in params.items()})
         client.load_model("asyncdiff", config=json.dumps(config))
         try:
-            t0 = time.time()
-            with pytest.raises(InferenceServerException, match="did not answer within"):
-                generate(server, SEED=1, STEPS=STEPS)
-            assert time.time() - t0 < 30
+            yield
         finally:
             client.load_model("asyncdiff", config=json.dumps(original))
+
+
+def test_component_timeout_is_an_error_not_a_hang(server):
+    with pipeline_parameters(server, component_timeout_s="0.001"):
+        t0 = time.time()
+        with pytest.raises(InferenceServerException, match="did not answer within"):
+            generate(server, SEED=1, STEPS=STEPS)
+        assert time.time() - t0 < 30
     assert generate(server, SEED=1, STEPS=STEPS)[0].shape == (16, 16, 3)
 
 
-def _stub_pid(model: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"{model}/1/model.py"], capture_output=True, text=True)
+def test_a_server_side_value_error_is_internal_not_invalid_arg(server):
+    """Only request parsing is the client's fault; a ValueError later (here: the VAE's image
+    disagrees with the configured image_shape) is an INTERNAL error."""
+    with pipeline_parameters(server, image_shape="[8, 8, 3]"):
+        with pytest.raises(InferenceServerException, match="expected image_shape") as err:
+            generate(server, SEED=1, STEPS=2)
+        assert "INTERNAL" in str(err.value.status())
+    assert generate(server, SEED=1, STEPS=2)[0].shape == (16, 16, 3)
+
+
+def _stub_pid(server, model: str) -> int:
+    """The stub of ``model`` in THIS server's repository (other servers may run beside it)."""
+    repo = Path(server.model_repository).resolve()
+    out = subprocess.run(["pgrep", "-f", f"{repo}/{model}/1/model.py"], capture_output=True, text=True)
     pids = [int(p) for p in out.stdout.split()]
-    assert pids, f"no stub process for {model}"
+    assert len(pids) == 1, f"expected one stub process for {model} in {repo}, got {pids}"
     return pids[0]

@@ -61,7 +61,8 @@ def sd():
 
 def test_batched_generate_equals_pipeline(sd):
     """The benchmark's batched sampler is the pipeline's per-request path."""
-    from asyncdiff.pipeline import AsyncDiffPipeline, Request
+    from asyncdiff.contract import Request
+    from asyncdiff.pipeline import AsyncDiffPipeline
 
     pipe = AsyncDiffPipeline(sd, components=2, stride=2)
     pair = fidelity.make_pairs(1)[0]

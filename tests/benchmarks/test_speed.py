@@ -37,6 +37,14 @@ def test_ideal_formulas():
     assert s2["partition"] == pytest.approx(s2["perfect"])
 
 
+def test_ideals_quoted_in_the_readme():
+    """README: ideal 1.90x for N2S1 and 2.61x for batched N2S2 at T=20, w=1 (the cost model)."""
+    n2s1 = speed.ideal_speedups(_Part([0.5, 0.5]), make_plan(20, 2, 1, 1))
+    n2s2 = speed.ideal_speedups(_Part([0.6, 0.4], batched=True), make_plan(20, 2, 2, 1))
+    assert round(n2s1["perfect"], 2) == 1.90 and round(n2s2["perfect"], 2) == 2.61
+    assert n2s2["partition"] == pytest.approx(20 / (1 + 10 * 0.8))  # last device: 2 x 0.4
+
+
 def test_rotations_put_each_variant_in_each_position():
     rots = speed.rotations(["a", "b", "c"], 3)
     assert rots == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]

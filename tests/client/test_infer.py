@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asyncdiff.contract import INPUT_BY_NAME, INPUTS, OUTPUTS, Request
 from client.__main__ import Spinner, params_from_args, parse_args, save_png
-from client.infer import (INPUTS, GenerationParams, auto_upscale_factor, build_request,
-                          default_url, input_arrays, upscale)
+from client.infer import (GenerationParams, auto_upscale_factor, build_request, default_url,
+                          input_arrays, upscale)
 from client.perf import run_perf
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPTS = REPO / "client" / "perf" / "prompts.json"
+NAME = {f.field: f.name for f in INPUTS}  # Request field -> Triton input name
 FULL = GenerationParams("a handwritten digit 7 ✓", negative_prompt="blurry", seed=3, steps=25,
                         guidance_scale=3.0, warmup=1, scheduler="euler")
 
@@ -28,37 +29,37 @@ def _described(protocol: str, params: GenerationParams) -> dict[str, tuple[str, 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_all_inputs_named_typed_and_shaped(protocol):
     described = _described(protocol, FULL)
-    assert described == {
-        "PROMPT": ("BYTES", [1]), "NEGATIVE_PROMPT": ("BYTES", [1]), "SEED": ("INT64", [1]),
-        "STEPS": ("INT32", [1]), "GUIDANCE_SCALE": ("FP32", [1]), "WARMUP": ("INT32", [1]),
-        "SCHEDULER": ("BYTES", [1])}
+    assert described == {f.name: (f.dtype, [1]) for f in INPUTS}
+    assert {f.dtype for f in INPUTS} == {"BYTES", "INT64", "INT32", "FP32"}
     _, outputs = build_request(FULL, protocol)
-    assert [o.name() for o in outputs] == ["IMAGE", "LATENTS"]
+    assert [o.name() for o in outputs] == [f.name for f in OUTPUTS]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_only_given_optionals_are_sent(protocol):
-    assert set(_described(protocol, GenerationParams("x"))) == {"PROMPT"}
+    assert set(_described(protocol, GenerationParams("x"))) == {NAME["prompt"]}
     assert set(_described(protocol, GenerationParams("x", seed=0, guidance_scale=0.0))) == {
-        "PROMPT", "SEED", "GUIDANCE_SCALE"}  # zero is a value, not "unset"
+        NAME["prompt"], NAME["seed"], NAME["guidance_scale"]}  # zero is a value, not "unset"
 
 
 def test_arrays_dtypes_and_utf8():
-    arrays = input_arrays(FULL)
-    assert arrays["PROMPT"].dtype == np.object_
-    assert arrays["PROMPT"][0] == "a handwritten digit 7 ✓".encode()
-    assert arrays["SEED"].dtype == np.int64 and arrays["SEED"].tolist() == [3]
-    assert arrays["STEPS"].dtype == np.int32 and arrays["WARMUP"].dtype == np.int32
-    assert arrays["GUIDANCE_SCALE"].dtype == np.float32
+    arrays = {INPUT_BY_NAME[name].field: a for name, a in input_arrays(FULL).items()}
+    assert arrays["prompt"].dtype == np.object_
+    assert arrays["prompt"][0] == "a handwritten digit 7 ✓".encode()
+    assert arrays["seed"].dtype == np.int64 and arrays["seed"].tolist() == [3]
+    assert arrays["steps"].dtype == np.int32 and arrays["warmup"].dtype == np.int32
+    assert arrays["guidance_scale"].dtype == np.float32
     assert all(a.shape == (1,) for a in arrays.values())
-    assert set(INPUTS) == set(GenerationParams.__dataclass_fields__)
+    # The client's request is the contract's: same fields, and what it sends parses back.
+    assert list(GenerationParams.__dataclass_fields__) == list(Request.__dataclass_fields__)
+    assert Request.from_inputs(input_arrays(FULL).get, Request()) == Request(**vars(FULL))
 
 
 def test_grpc_request_carries_bytes_payload():
     inputs, _ = build_request(GenerationParams("héllo", seed=2**40), "grpc")
     raw = {t.name(): t._get_content() for t in inputs}
-    assert raw["PROMPT"] == len("héllo".encode()).to_bytes(4, "little") + "héllo".encode()
-    assert np.frombuffer(raw["SEED"], np.int64).tolist() == [2**40]
+    assert raw[NAME["prompt"]] == len("héllo".encode()).to_bytes(4, "little") + "héllo".encode()
+    assert np.frombuffer(raw[NAME["seed"]], np.int64).tolist() == [2**40]
 
 
 def test_default_url_per_protocol(monkeypatch):
@@ -79,7 +80,7 @@ def test_cli_defaults_leave_optionals_unset(monkeypatch):
 
 def test_cli_maps_every_option():
     args = parse_args(["p", "--negative-prompt", "n", "--seed", "5", "--steps", "10",
-                       "--guidance", "2.5", "--warmup", "2", "--scheduler", "dpmsolver++",
+                       "--guidance-scale", "2.5", "--warmup", "2", "--scheduler", "dpmsolver++",
                        "--url", "h:1", "--out", "o.png", "--upscale", "4"])
     assert params_from_args(args) == GenerationParams("p", "n", 5, 10, 2.5, 2, "dpmsolver++")
     assert (args.url, args.out, args.upscale) == ("h:1", Path("o.png"), 4)
@@ -173,11 +174,13 @@ def test_perf_command_is_fixed_length(tmp_path):
     args = run_perf.parse_args(["--url", "h:1", "--bls-composing-models", "unet_part_0,unet_part_1",
                                 "--", "--request-rate-range", "1"])
     assert args.concurrency_levels == [1, 2, 4]
+    args.input_data = tmp_path / "p.json"
     cmd = run_perf.perf_command(Path("pa"), args, 2, tmp_path / "x.csv")
     joined = " ".join(cmd)
     for part in ("-m asyncdiff", "-u h:1", "-i grpc", "--concurrency-range 2",
                  "--measurement-mode time_windows", "--max-trials 3", "--stability-percentage 999",
-                 "--bls-composing-models unet_part_0,unet_part_1", f"--input-data {PROMPTS}"):
+                 "--bls-composing-models unet_part_0,unet_part_1",
+                 f"--input-data {tmp_path / 'p.json'}"):
         assert part in joined
     assert cmd[-2:] == ["--request-rate-range", "1"]
     with pytest.raises(SystemExit):
@@ -202,22 +205,21 @@ def test_missing_perf_analyzer_is_a_clear_error(monkeypatch, capsys, tmp_path):
     assert "perf_analyzer not found" in capsys.readouterr().err
 
 
-def test_prompts_json_matches_perf_analyzer_schema():
+def test_perf_input_data_matches_perf_analyzer_schema():
     """perf_analyzer --input-data: {"data": [step, ...]}; a step maps input names to
-    a flat list (shape from the config, here dims [1]) or {"content": [...], "shape": [...]}.
-    BYTES inputs take JSON strings."""
-    doc = json.loads(PROMPTS.read_text())
-    assert set(doc) == {"data"} and len(doc["data"]) >= 2
-    types = {name: kind for name, kind, _ in INPUTS.values()}
+    a flat list (shape from the config, here dims [1]). BYTES inputs take JSON strings."""
+    doc = json.loads(json.dumps(run_perf.input_data()))
+    assert set(doc) == {"data"} and len(doc["data"]) == 10
+    kinds = {"BYTES": str, "FP32": float, "INT32": int, "INT64": int}
     for step in doc["data"]:
-        assert "PROMPT" in step and set(step) <= set(types)
+        assert NAME["prompt"] in step and set(step) <= set(INPUT_BY_NAME)
         for name, value in step.items():
-            content = value["content"] if isinstance(value, dict) else value
-            assert isinstance(content, list) and len(content) == 1, name
-            expected = str if types[name] is np.object_ else (
-                float if types[name] is np.float32 else int)
-            assert isinstance(content[0], expected), name
-    assert len({s["PROMPT"][0] for s in doc["data"]}) == len(doc["data"])
+            assert isinstance(value, list) and len(value) == 1, name
+            assert isinstance(value[0], kinds[INPUT_BY_NAME[name].dtype]), name
+        # Each step is a valid request.
+        Request.from_inputs(lambda n: None if n not in step else INPUT_BY_NAME[n].encode(step[n][0]),
+                            Request())
+    assert len({s[NAME["prompt"]][0] for s in doc["data"]}) == len(doc["data"])
 
 
 def test_compose_reserves_gpus_and_shm():

@@ -112,6 +112,24 @@ def test_text_encoder_and_vae_parity(tmp_path):
     assert art.inputs[0].name == "latents" and art.outputs[0].name == "image"
 
 
+@pytest.mark.skipif(not HAVE_TINY, reason="asyncdiff/tiny/model is not there yet")
+def test_fp16_keeps_mixed_type_and_upcast_networks_fp32(tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder").eval()
+    # CLIP's fp16 graph binds LayerNormalization to fp32 and fp16 at once: onnxruntime
+    # refuses to load it, so the encoder is exported fp32 and the artifact says why.
+    text = export_network(text_encoder_network(encoder), tmp_path / "te.onnx", 2, fp16=True)
+    assert not text.fp16 and "LayerNormalization" in text.fp32_reason
+    assert text.outputs[0].dtype == np.float32 and all(c.ok for c in text.checks)
+    vae = AutoencoderKL.from_pretrained(MODEL_DIR / "vae").eval()
+    assert vae.config.force_upcast
+    dec = export_network(vae_decoder_network(vae, 16, 16), tmp_path / "vae.onnx", 1, fp16=True)
+    assert not dec.fp16 and "force_upcast" in dec.fp32_reason
+    assert {s.dtype for s in [*dec.inputs, *dec.outputs]} == {np.dtype(np.float32)}
+
+
 def test_fp16_component_within_documented_tolerance(models, tmp_path):
     m = get_model(models, MODELS[0])
     part = partition_unet(m.unet, 2, model=m.name, batch=BATCH)
@@ -123,6 +141,7 @@ def test_fp16_component_within_documented_tolerance(models, tmp_path):
     dtypes = {s.name: s.dtype for s in art.inputs}
     assert dtypes["timestep"] == np.float32  # kept fp32 on purpose
     assert dtypes[part.components[-1].input_names[0]] == np.float16
+    assert art.fp32_reason is None and art.outputs[0].dtype == np.float16  # read from the graph
     # The fp16 copy must leave the shared fp32 UNet untouched.
     assert all(torch.equal(before[k], v) for k, v in last.state_dict().items())
 

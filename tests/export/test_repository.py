@@ -18,26 +18,32 @@ from google.protobuf import text_format
 
 from asyncdiff.components import build_components
 from asyncdiff.configs import load_unet, resolve
+from asyncdiff.contract import (
+    INPUTS, MODEL_NAME, NUMPY_DTYPES, PIPELINE_BACKEND, TRITON_PARAMETERS, PipelineParams, Request,
+)
 from asyncdiff.partition import Partition
+from asyncdiff.placement import Placement
 from asyncdiff.stages import build_stage_graph
 from asyncdiff.tiny import MODEL_DIR
 from export import cli
 from export import repository as repo_mod
 from export import tensorrt as trt_mod
-from export.onnx_export import FP32_TOL, InterfaceSampler
-from export.triton_config import parse_config, to_pbtxt
+from export.onnx_export import FP32_TOL, Artifact, InterfaceSampler, IOSpec
+from export.triton_config import parse_config, to_pbtxt, triton_dtype
 from serve.launcher import PROJECT_BACKENDS, TritonServer
 from tritonclient.grpc import model_config_pb2 as mc
 
 torch.set_num_threads(1)
 HAVE_TINY = (MODEL_DIR / "unet" / "config.json").exists()
-HAVE_PIPELINE_BACKEND = (PROJECT_BACKENDS / repo_mod.PIPELINE_BACKEND / "model.py").is_file()
+HAVE_PIPELINE_BACKEND = (PROJECT_BACKENDS / PIPELINE_BACKEND / "model.py").is_file()
 # A UNet-only source (components but no text encoder/VAE): the tiny UNet folder exports fastest.
 UNET_ONLY = str(MODEL_DIR / "unet") if HAVE_TINY else "sd15"
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="asyncdiff/tiny/model is not there yet")
 
 # (components, stride, extra CLI flags): the default path (with parity checks) once.
-TINY_REPOS = {"N2-S1": (2, 1, []), "N2-S2": (2, 2, ["--no-validate"])}
+TINY_REPOS = {"N2-S1": (2, 1, []),
+              "N2-S2": (2, 2, ["--no-validate", "--component-timeout-s", "30", "--steps", "12",
+                               "--scheduler", "euler", "--negative-prompt", "blurry"])}
 
 
 def export(out, *argv) -> int:
@@ -87,29 +93,31 @@ def test_configs_round_trip(tiny_repos, key):
 @needs_tiny
 def test_pipeline_model_config_and_files(tiny_repos):
     repo = tiny_repos["N2-S2"]
-    config = repo_mod.read_configs(repo)["asyncdiff"]
-    assert config.backend == "asyncdiff_pipeline" and config.max_batch_size == 0
-    inputs = {i.name: (mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in config.input}
-    assert inputs == {
-        "PROMPT": ("TYPE_STRING", [1], False), "NEGATIVE_PROMPT": ("TYPE_STRING", [1], True),
-        "SEED": ("TYPE_INT64", [1], True), "STEPS": ("TYPE_INT32", [1], True),
-        "GUIDANCE_SCALE": ("TYPE_FP32", [1], True), "WARMUP": ("TYPE_INT32", [1], True),
-        "SCHEDULER": ("TYPE_STRING", [1], True),
-    }
+    config = repo_mod.read_configs(repo)[MODEL_NAME]
+    assert config.backend == PIPELINE_BACKEND and config.max_batch_size == 0
+    inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input}
+    assert inputs == {f.name: (triton_dtype(NUMPY_DTYPES[f.dtype]), [1], not f.required)
+                      for f in INPUTS}
     outputs = {o.name: (mc.DataType.Name(o.data_type), list(o.dims)) for o in config.output}
     assert outputs == {"IMAGE": ("TYPE_UINT8", [16, 16, 3]), "LATENTS": ("TYPE_FP32", [4, 16, 16])}
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    assert (params["components"], params["stride"], params["batched_stride"]) == ("2", "2", "false")
-    assert params["latent_shape"] == "[4, 16, 16]" and params["default_warmup"] == "1"
-    version = repo / "asyncdiff" / "1"
-    part = Partition.load(version / params["partition_file"])
+    params = repo_mod.pipeline_params(config)
+    written = {k: v.string_value for k, v in config.parameters.items()}
+    # Everything written is read back (config -> parameters -> config), nothing else is written.
+    assert {k: v for k, v in written.items() if k not in TRITON_PARAMETERS} == params.to_parameters()
+    assert set(written) - set(params.to_parameters()) == {"FORCE_CPU_ONLY_INPUT_TENSORS"}
+    assert params == PipelineParams(
+        component_models=("unet_part_0", "unet_part_1"), latent_shape=(4, 16, 16),
+        image_shape=(16, 16, 3), vae_scaling_factor=params.vae_scaling_factor,
+        defaults=Request(negative_prompt="blurry", steps=12, scheduler="euler"),
+        component_timeout_s=30.0)  # fp32 on the CPU: the contract's default dtypes and device
+    version = repo / MODEL_NAME / "1"
+    part = Partition.load(version / params.partition_file)
     assert (part.num_components, part.stride) == (2, 2)
-    assert (version / "scheduler" / "scheduler_config.json").is_file()
-    assert params["latent_channels"] == "4" and params["vae_input"] == "latents"
-    assert {p.name for p in (version / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt"}
+    assert (version / params.scheduler_config_file).is_file()
+    assert {p.name for p in (version / params.tokenizer_dir).iterdir()} >= {"vocab.json", "merges.txt"}
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(version / "tokenizer")  # the BLS can tokenise offline
+    tok = CLIPTokenizer.from_pretrained(version / params.tokenizer_dir)  # the BLS tokenises offline
     assert tok("a three").input_ids[0] == tok.bos_token_id
 
 
@@ -122,7 +130,7 @@ def servers(tiny_repos, tmp_path_factory):
     def get(key: str) -> TritonServer:
         if key not in started:
             repo = tiny_repos[key]
-            networks = [m for m in sorted(repo_mod.read_configs(repo)) if m != repo_mod.PIPELINE_MODEL]
+            networks = [m for m in sorted(repo_mod.read_configs(repo)) if m != MODEL_NAME]
             started[key] = serve(repo, tmp_path_factory.mktemp(f"log-{key}"), networks).start()
         return started[key]
 
@@ -136,7 +144,7 @@ def servers(tiny_repos, tmp_path_factory):
 def test_repository_loads_in_real_triton(tiny_repos, servers, key):
     client = httpclient.InferenceServerClient(servers(key).http_url)
     networks = [m for m in sorted(repo_mod.read_configs(tiny_repos[key]))
-                if m != repo_mod.PIPELINE_MODEL]
+                if m != MODEL_NAME]
     assert {m: client.is_model_ready(m) for m in networks} == {m: True for m in networks}
 
 
@@ -151,8 +159,8 @@ def test_served_component_matches_torch(tiny_repos, servers):
 @pytest.mark.parametrize("key", list(TINY_REPOS))
 def test_pipeline_model_loads(servers, key):
     client = httpclient.InferenceServerClient(servers(key).http_url)
-    client.load_model(repo_mod.PIPELINE_MODEL)
-    assert client.is_model_ready(repo_mod.PIPELINE_MODEL)
+    client.load_model(MODEL_NAME)
+    assert client.is_model_ready(MODEL_NAME)
 
 
 @needs_tiny
@@ -160,13 +168,13 @@ def test_pipeline_model_loads(servers, key):
 @pytest.mark.parametrize("key", list(TINY_REPOS))
 def test_pipeline_generates_from_exported_repository(servers, key):
     client = httpclient.InferenceServerClient(servers(key).http_url, network_timeout=300)
-    if not client.is_model_ready(repo_mod.PIPELINE_MODEL):
-        client.load_model(repo_mod.PIPELINE_MODEL)
+    if not client.is_model_ready(MODEL_NAME):
+        client.load_model(MODEL_NAME)
     prompt = httpclient.InferInput("PROMPT", [1], "BYTES")
     prompt.set_data_from_numpy(np.array([b"a three"], dtype=object))
     steps = httpclient.InferInput("STEPS", [1], "INT32")
     steps.set_data_from_numpy(np.array([3], dtype=np.int32))
-    result = client.infer(repo_mod.PIPELINE_MODEL, [prompt, steps])
+    result = client.infer(MODEL_NAME, [prompt, steps])
     assert result.as_numpy("IMAGE").shape == (16, 16, 3)
     assert result.as_numpy("LATENTS").shape == (4, 16, 16)
 
@@ -256,14 +264,66 @@ def test_tensorrt_engine_build(tmp_path):  # pragma: no cover - needs a GPU host
         assert (out / f"unet_part_{k}" / "1" / "model.plan").stat().st_size > 0
 
 
-def test_gpu_placement_rules():
-    place = repo_mod.component_placements
-    assert place(3, 1, False, [4, 5, 6]) == [repo_mod.Placement((g,)) for g in (4, 5, 6)]
-    assert place(2, 2, False, [0, 1, 2])[-1] == repo_mod.Placement((1, 2))
-    assert place(2, 2, True, [0, 1]) == [repo_mod.Placement((0,)), repo_mod.Placement((1,))]
-    assert place(2, 2, False, None)[-1] == repo_mod.Placement(count=2)
-    with pytest.raises(ValueError, match="3 needed"):
-        place(2, 2, False, [0, 1])
+def test_models_placed_as_the_placement_says():
+    place = Placement(2, 2, gpus=(4, 5, 6))
+    assert [repo_mod.model_placement(m, place) for m in ("unet_part_0", "unet_part_1",
+                                                         "text_encoder", "vae_decoder")] == [
+        ((4,), 1), ((5, 6), 2), ((4,), 1), ((4,), 1)]  # text encoder / VAE beside the pipeline
+    assert repo_mod.model_placement("unet_part_1", Placement(2, 2)) == ((), 2)  # 2 CPU instances
+    spec = [IOSpec("sample", np.dtype(np.float32), (4, 8, 8))]
+    trt = repo_mod.network_config("unet_part_1", spec, spec, "tensorrt", "onnxruntime", "model.onnx",
+                                  8, (5, 6), 2)
+    assert [(g.count, list(g.gpus)) for g in trt.instance_group] == [(1, [5, 6])]
+    cpu = repo_mod.network_config("unet_part_1", spec, spec, "onnxruntime", "onnxruntime",
+                                  "model.onnx", 8, (), 2)
+    assert [(g.kind, g.count) for g in cpu.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--components", "2", "--stride", "2", "--gpus", "0,1"],
+     "N=2 S=2 needs 3 devices (plain stride 2 adds one device"),
+    (["--components", "3", "--cuts", "mid"], "--components 3 disagrees with --cuts mid"),
+    (["--components", "2", "--steps", "0"], "pipeline default: STEPS must be in [1, 1000], got 0"),
+    (["--components", "2", "--scheduler", "pndm"], "pipeline default: SCHEDULER must be one of"),
+    (["--components", "2", "--component-timeout-s", "0"], "--component-timeout-s must be > 0"),
+])
+def test_bad_options_fail_before_any_export(tmp_path, capsys, argv, message):
+    out = tmp_path / "repo"
+    assert export(out, "--model", "tiny", *argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_served_dtypes_are_what_the_bls_sends_and_receives():
+    def art(name, ins, outs):
+        spec = lambda n, d: IOSpec(n, np.dtype(d), (1,))  # noqa: E731
+        return Artifact(name, None, "onnxruntime", True, [spec(*i) for i in ins],
+                        [spec(*o) for o in outs], 0.0)
+
+    half = "float16"
+    artifacts = [
+        art("unet_part_0", [("sample", half), ("timestep", "float32"), ("encoder_hidden_states", half)],
+            [("down1_0", half)]),
+        art("unet_part_1", [("down1_0", half), ("timestep", "float32")], [("noise_pred", half)]),
+        art("text_encoder", [("input_ids", "int64")], [("last_hidden_state", half)]),
+        art("vae_decoder", [("latents", "float32")], [("image", "float32")]),
+    ]
+    part = Partition.__new__(Partition)
+    part.components = [type("C", (), {"name": a.name})() for a in artifacts[:2]]
+    assert cli.served_dtypes(part, artifacts) == {
+        "sample": half, "timestep": "float32", "encoder_hidden_states": half, "noise_pred": half,
+        "input_ids": "int64", "last_hidden_state": half, "latents": "float32", "image": "float32"}
+
+
+@needs_tiny
+def test_cuts_reproduce_a_given_split(tmp_path):
+    out = tmp_path / "repo"
+    assert export(out, "--model", str(MODEL_DIR / "unet"), "--cuts", "mid,up1_0",
+                  "--backend", "torch", "--no-validate") == 0  # N = cuts + 1
+    assert set(repo_mod.read_configs(out)) == {"unet_part_0", "unet_part_1", "unet_part_2"}
+    first = [json.loads((out / f"unet_part_{k}" / "1" / "component.json").read_text())["spec"]
+             ["stages"][0] for k in range(3)]
+    assert first == ["conv_in", "mid", "up1_0"]
 
 
 @pytest.mark.parametrize("model", ["tiny", "sd15"])

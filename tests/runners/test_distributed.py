@@ -24,7 +24,7 @@ CONFIGS = {
     "N2S1": RunConfig(components=2, stride=1, steps=STEPS),
     "N3S1": RunConfig(components=3, stride=1, steps=STEPS),
     "N2S2": RunConfig(components=2, stride=2, steps=STEPS),
-    "N2S2-batched": RunConfig(components=2, stride=2, steps=STEPS, batch_stride=True),
+    "N2S2-batched": RunConfig(components=2, stride=2, steps=STEPS, batched_stride=True),
 }
 
 
@@ -36,8 +36,8 @@ def runs() -> dict[str, dict]:
         results = spawn(list(CONFIGS.values()), world=3, method="fork", timeout_s=300)
         for res, cfg in zip(results, CONFIGS.values()):
             res["reference"] = reference_latents(cfg)
-            if cfg.batch_stride:
-                res["unbatched_reference"] = reference_latents(cfg, batch_stride=False)
+            if cfg.batched_stride:
+                res["unbatched_reference"] = reference_latents(cfg, batched_stride=False)
     finally:
         torch.set_num_threads(threads)
     return dict(zip(CONFIGS, results))
@@ -79,7 +79,7 @@ def test_sends_only_interface_tensors_and_keeps_own_share(runs):
 def test_stride2_routes_follow_the_plan():
     cfg = CONFIGS["N2S2"]
     plan = make_plan(STEPS, 2, 2, 1)
-    routes = build_routes(get_partition(cfg), plan, batch_stride=False)
+    routes = build_routes(get_partition(cfg), plan, cfg.placement)
     for i, st in enumerate(plan.steps):
         eps = routes.eps[i]
         if st.mode == "compute":  # eps_i comes from the stride copy on rank N=2

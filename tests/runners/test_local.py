@@ -3,6 +3,8 @@ import torch
 
 from asyncdiff.components import build_components
 from asyncdiff.configs import example_inputs
+from asyncdiff.contract import Request
+from asyncdiff.generation import Generation
 from asyncdiff.partition import partition_unet
 from asyncdiff.runners import ActivationCache, LocalRunner
 from asyncdiff.schedule import make_plan
@@ -18,11 +20,15 @@ def setup(small_unets):
     return unet, sample, {"encoder_hidden_states": text}
 
 
-def sample_loop(runner, part, plan, x, cond):
-    """A toy deterministic update standing in for the scheduler."""
-    cache = ActivationCache(part, plan)
-    for i in range(plan.steps_total):
-        x = x - 0.1 * runner.noise_pred(cache, i, x, cond, TIMESTEPS)
+def sample_loop(runner, part, warmup, x, cond, batched_stride=False):
+    """A routing-only Generation with a toy deterministic update standing in for the scheduler."""
+    gen = Generation(part, [Request(steps=STEPS, warmup=warmup)], cond, timesteps=TIMESTEPS,
+                     batched_stride=batched_stride)
+    for i in range(gen.steps):
+        for wave in gen.cache.waves(i):
+            calls = gen.calls(i, wave, sample=x)
+            gen.record(calls, runner.run_wave(calls))
+        x = x - 0.1 * gen.cache.noise_pred(i)
     return x
 
 
@@ -38,7 +44,7 @@ def test_full_warmup_equals_sequential(setup, n, stride):
     unet, x, cond = setup
     part = partition_unet(unet, n, model="sd15", stride=stride)
     runner = LocalRunner(build_components(unet, part))
-    out = sample_loop(runner, part, make_plan(STEPS, n, stride, STEPS), x, cond)
+    out = sample_loop(runner, part, STEPS, x, cond)
     assert (out - sequential(unet, x, cond)).abs().max().item() <= 1e-5
 
 
@@ -47,7 +53,7 @@ def test_async_s1_matches_an_independent_emulation(setup):
     unet, x0, cond = setup
     part = partition_unet(unet, 2, model="sd15")
     c0, c1 = build_components(unet, part)
-    runner_out = sample_loop(LocalRunner([c0, c1]), part, make_plan(STEPS, 2, 1, 1), x0, cond)
+    runner_out = sample_loop(LocalRunner([c0, c1]), part, 1, x0, cond)
 
     def t(i):
         return TIMESTEPS[i].float().expand(2)
@@ -69,7 +75,7 @@ def test_async_s1_matches_an_independent_emulation(setup):
 def test_async_differs_from_sequential_but_stays_close(setup):
     unet, x, cond = setup
     part = partition_unet(unet, 2, model="sd15")
-    out = sample_loop(LocalRunner(build_components(unet, part)), part, make_plan(STEPS, 2, 1, 1), x, cond)
+    out = sample_loop(LocalRunner(build_components(unet, part)), part, 1, x, cond)
     diff = (out - sequential(unet, x, cond)).abs().max().item()
     assert 0 < diff < x.abs().max().item()
 
@@ -78,9 +84,8 @@ def test_batched_stride_equals_separate_calls(setup):
     unet, x, cond = setup
     part = partition_unet(unet, 2, model="sd15", stride=2, batched_stride=True)
     comps = build_components(unet, part)
-    plan = make_plan(STEPS, 2, 2, 1)
-    a = sample_loop(LocalRunner(comps), part, plan, x, cond)
-    b = sample_loop(LocalRunner(comps, batch_stride=True), part, plan, x, cond)
+    a = sample_loop(LocalRunner(comps), part, 1, x, cond)
+    b = sample_loop(LocalRunner(comps), part, 1, x, cond, batched_stride=True)
     assert (a - b).abs().max().item() <= 1e-5
 
 

@@ -1,0 +1,266 @@
+"""One generation: B requests denoised in lockstep by an AsyncDiff plan.
+
+``Generation`` owns what every executor needs and none should rebuild: the
+scheduler, the plan, the ``ActivationCache``, the latents and classifier-free
+guidance.  It hands out each step's component calls, wave by wave, and takes
+their outputs.  An executor (``LocalRunner``, the distributed runner, the
+Triton BLS, the benchmarks) only decides how a wave of calls is executed.
+
+Batch layout: the B requests share steps, warm-up and scheduler; seeds,
+guidance scales and prompts may differ.  The model batch is
+``[uncond x B; cond x B]`` (2B rows), so ``chunk(2)`` separates the guidance
+halves and row b of each half is request b.  Request b's latents are seeded
+as when it runs alone, so it gets the same image in a batch as alone.
+
+Values: the latent, timestep, conditioning and noise prediction are torch
+tensors.  They cross into the executor through ``to_executor(name, tensor)``
+(the BLS makes Triton tensors of them), once per step, timestep index or
+generation, and come back through ``from_executor``.  Activations between
+components are opaque: they pass through the cache unconverted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from asyncdiff.contract import INPUT_BY_FIELD, SCHEDULERS, Request
+from asyncdiff.partition import Partition
+from asyncdiff.runners.cache import ActivationCache
+from asyncdiff.schedule import Call, make_plan
+
+SHARED_FIELDS = ("steps", "warmup", "scheduler")  # one value for every request of a batch
+
+
+def make_scheduler(name: str, config: Mapping):
+    """A fresh diffusers scheduler (they are stateful: one per generation)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {name!r}")
+
+
+def initial_latents(seed: int, shape: tuple[int, ...], init_noise_sigma: float) -> torch.Tensor:
+    """Seeded Gaussian latents (CPU generator: the same seed gives the same image anywhere)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float32) * init_noise_sigma
+
+
+def guide(noise_pred: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance on a [uncond; cond] batch (``scale``: a number or per-row tensor)."""
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_batch(pairs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-request [uncond; cond] tensors (batch 2 each) -> one [uncond x B; cond x B] batch."""
+    return torch.cat([p[:1] for p in pairs] + [p[1:] for p in pairs])
+
+
+@dataclass
+class ComponentCall:
+    """One call an executor runs: ``model`` on ``inputs`` (in the component's input order).
+
+    ``positions`` are the call's places in the plan step: one, or two when
+    batched stride merged the last component's pair into one doubled batch
+    (``split`` rows belong to the first).
+    """
+
+    step: int
+    positions: tuple[int, ...]
+    component: int
+    model: str  # the Triton model name
+    inputs: dict[str, Any]
+    output_names: list[str]
+    split: int | None = None
+
+
+def latent_input(partition: Partition):
+    """The TensorSpec of the latent a partition's first component takes ([batch, C, h, w])."""
+    return next(t for c in partition.components for t in c.inputs if t.role == "latent")
+
+
+class Generation:
+    """A batch of requests advancing through one plan.
+
+    Sync driver: ``gen.run(execute)`` with ``execute(wave) -> [outputs per call]``;
+    async driver: ``await gen.run_async(execute)``.  An executor that runs only
+    some calls (a rank of the distributed runner) drives the steps itself with
+    ``calls``, ``record``, ``cache.receive*`` and ``advance`` (see ``run``).
+
+    Without ``scheduler_config`` the generation only routes calls (no latents,
+    no scheduler): pass ``timesteps`` and a ``sample`` to ``calls``.
+    """
+
+    def __init__(self, partition: Partition, requests: Sequence[Request],
+                 conditioning: Mapping[str, Any], scheduler_config: Mapping | None = None, *,
+                 time_shift: bool = False, batched_stride: bool = False, device="cpu",
+                 timesteps: torch.Tensor | None = None,
+                 to_executor: Callable[[str, torch.Tensor], Any] | None = None,
+                 from_executor: Callable[[Any], torch.Tensor] | None = None):
+        self.requests = list(requests)
+        if not self.requests:
+            raise ValueError("a generation needs at least one request")
+        for name in SHARED_FIELDS:
+            values = [getattr(r, name) for r in self.requests]
+            if len(set(values)) > 1:
+                raise ValueError(f"{INPUT_BY_FIELD[name].name} must be the same for every request "
+                                 f"of a batch, got {values}")
+        first = self.requests[0]
+        self.partition, self.batch = partition, len(self.requests)
+        self.device = torch.device(device)
+        self.batched_stride = batched_stride
+        self.to_executor = to_executor or (lambda name, value: value)
+        self.from_executor = from_executor or (lambda value: value)
+        latent = latent_input(partition)
+        self.latent_name, self.latent_shape = latent.name, tuple(latent.shape[1:])  # [C, h, w]
+        self.plan = make_plan(first.steps, partition.num_components, partition.stride,
+                              first.warmup, time_shift)
+        self.cache = ActivationCache(partition, self.plan)
+        self.scheduler = self.latents = None
+        if scheduler_config is not None:
+            self.scheduler = make_scheduler(first.scheduler, scheduler_config)
+            self.scheduler.set_timesteps(first.steps, device=self.device)
+            sigma = self.scheduler.init_noise_sigma
+            self.latents = torch.cat([initial_latents(r.seed, (1, *self.latent_shape), sigma)
+                                      for r in self.requests]).to(self.device)
+        elif timesteps is None:
+            raise ValueError("a generation without a scheduler needs the timesteps")
+        self.timesteps = self.scheduler.timesteps if timesteps is None else timesteps
+        self.conditioning = {}
+        for name, value in conditioning.items():  # converted once per generation
+            if isinstance(value, torch.Tensor):
+                if value.shape[0] != 2 * self.batch:
+                    raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}; "
+                                     f"{self.batch} requests need {2 * self.batch} ([uncond x B; cond x B])")
+                value = self.to_executor(name, value)
+            self.conditioning[name] = value
+        self._timestep: dict[tuple[str, int], Any] = {}
+        self._input_step, self._input, self._sample = -1, None, None
+
+    @property
+    def steps(self) -> int:
+        return self.plan.steps_total
+
+    # -- one step ------------------------------------------------------------
+    def model_input(self, step: int) -> torch.Tensor | None:
+        """The scheduler-scaled [x x 2] latent batch entering ``step`` (torch; None without latents)."""
+        if self.scheduler is None:
+            return None
+        if self._input_step != step:
+            t = self.scheduler.timesteps[step]
+            self._input = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+            self._input_step, self._sample = step, None
+        return self._input
+
+    def waves(self, step: int) -> Iterator[list[ComponentCall]]:
+        """The calls of ``step``, wave by wave; record a wave's outputs before taking the next."""
+        for wave in self.cache.waves(step):
+            yield self.calls(step, wave)
+
+    def calls(self, step: int, wave: list[tuple[int, Call]], sample: Any = None) -> list[ComponentCall]:
+        """Inputs of the (position, call) pairs of a wave, or of the share of it an executor runs.
+
+        ``sample``: the latent batch as received from elsewhere (executor value);
+        default: this generation's own model input.
+        """
+        if sample is None and any(c.component == 0 for _, c in wave):
+            sample = self._own_sample(step)
+        out = [self._call(step, pos, call, sample) for pos, call in wave]
+        if self.batched_stride and len(out) > 1 and out[-1].component == out[-2].component:
+            out[-2:] = [_merge(out[-2], out[-1])]
+        return out
+
+    def record(self, calls: Sequence[ComponentCall], outputs: Sequence[Mapping[str, Any]]) -> None:
+        """Hand a wave's outputs (one name -> value mapping per call) to the cache."""
+        if len(calls) != len(outputs):
+            raise ValueError(f"{len(calls)} calls but {len(outputs)} outputs")
+        for call, out in zip(calls, outputs):
+            if call.split is None:
+                self.cache.record(call.step, call.positions[0], out)
+                continue
+            a = {n: v[:call.split] for n, v in out.items()}
+            b = {n: v[call.split:] for n, v in out.items()}
+            self.cache.record(call.step, call.positions[0], a)
+            self.cache.record(call.step, call.positions[1], b)
+
+    def advance(self, step: int) -> None:
+        """Guidance and the scheduler step with ``step``'s noise prediction (taken from the cache)."""
+        if self.scheduler is None:
+            raise RuntimeError("this generation has no scheduler: it only routes calls")
+        eps = self.from_executor(self.cache.noise_pred(step))
+        self.model_input(step)  # diffusers expects scale_model_input before step()
+        t = self.scheduler.timesteps[step]
+        self.latents = self.scheduler.step(self._guide(eps), t, self.latents).prev_sample
+
+    # -- whole generation ----------------------------------------------------
+    def run(self, execute: Callable[[list[ComponentCall]], Sequence[Mapping[str, Any]]]) -> torch.Tensor:
+        """Every step with a synchronous wave executor; returns the final latents [B, C, h, w]."""
+        for i in range(self.steps):
+            for wave in self.waves(i):
+                self.record(wave, execute(wave))
+            self.advance(i)
+        return self.latents
+
+    async def run_async(self, execute: Callable[[list[ComponentCall]], Awaitable[Sequence[Mapping]]]):
+        """``run`` with an awaitable wave executor (the Triton BLS)."""
+        for i in range(self.steps):
+            for wave in self.waves(i):
+                self.record(wave, await execute(wave))
+            self.advance(i)
+        return self.latents
+
+    # -- internals -----------------------------------------------------------
+    def _own_sample(self, step: int):
+        x = self.model_input(step)
+        if x is None:
+            raise ValueError(f"step {step}: component 0 needs a sample and this generation has no latents")
+        if self._sample is None:  # converted once per step, shared by the step's calls
+            self._sample = self.to_executor(self.latent_name, x)
+        return self._sample
+
+    def _timestep_value(self, name: str, index: int):
+        """[2B] timestep of ``index``, built and converted once per timestep index."""
+        if (name, index) not in self._timestep:
+            t = self.timesteps[index].float().reshape(1).expand(2 * self.batch)
+            self._timestep[(name, index)] = self.to_executor(name, t)
+        return self._timestep[(name, index)]
+
+    def _call(self, step: int, pos: int, call: Call, sample) -> ComponentCall:
+        spec = self.partition.components[call.component]
+        cached = self.cache.inputs(step, call, sample)
+        inputs = {}
+        for t in spec.inputs:
+            if t.name in cached:
+                inputs[t.name] = cached[t.name]
+            elif t.role == "timestep":
+                inputs[t.name] = self._timestep_value(t.name, call.timestep_index)
+            elif t.name in self.conditioning:
+                inputs[t.name] = self.conditioning[t.name]
+            else:
+                raise ValueError(f"{spec.name} needs conditioning {t.name!r} ({t.role}); "
+                                 f"given: {sorted(self.conditioning)}")
+        return ComponentCall(step, (pos,), call.component, spec.name, inputs, spec.output_names)
+
+    def _guide(self, eps: torch.Tensor) -> torch.Tensor:
+        scales = [r.guidance_scale for r in self.requests]
+        if len(set(scales)) == 1:
+            return guide(eps, scales[0])
+        scale = torch.tensor(scales, dtype=eps.dtype, device=eps.device)
+        return guide(eps, scale.reshape(-1, *[1] * (eps.dim() - 1)))
+
+
+def _merge(a: ComponentCall, b: ComponentCall) -> ComponentCall:
+    """The stride pair of the last component as one call on a doubled batch (torch values)."""
+    inputs = {n: torch.cat([a.inputs[n], b.inputs[n]]) for n in a.inputs}
+    split = a.inputs[next(iter(a.inputs))].shape[0]
+    return ComponentCall(a.step, a.positions + b.positions, a.component, a.model, inputs,
+                         a.output_names, split)

@@ -1,0 +1,115 @@
+"""The serving contract: request parsing and validation, and pipeline parameters that survive
+config -> parameters -> config unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+import pytest
+
+from asyncdiff.contract import (
+    INPUT_BY_NAME, INPUTS, MAX_SEED, TRITON_PARAMETERS, NetworkNames, PipelineParams, Request,
+    add_request_arguments,
+)
+from export import repository as repo_mod
+from export.triton_config import parse_config, to_pbtxt
+
+# Every field away from its default, so a field that is dropped or mis-parsed shows.
+PARAMS = PipelineParams(
+    component_models=("unet_part_0", "unet_part_1", "unet_part_2"), latent_shape=(4, 96, 80),
+    image_shape=(768, 640, 3), vae_scaling_factor=0.18215,
+    text_encoder=NetworkNames("clip", "ids", "states"), vae_decoder=NetworkNames("vae", "z", "x"),
+    defaults=Request(negative_prompt="blurry, ünïcode", seed=7, steps=30, guidance_scale=7.5,
+                     warmup=3, scheduler="euler"),
+    partition_file="p.json", scheduler_config_file="sched/s.json", tokenizer_dir="tok",
+    component_timeout_s=12.5, device="cuda:1",
+    dtypes={"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16",
+            "noise_pred": "float16", "ids": "int64", "states": "float16", "z": "float32",
+            "x": "float32"})
+
+
+def parameters_of(config) -> dict[str, str]:
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def test_config_parameters_config_round_trip():
+    config = repo_mod.pipeline_config(PARAMS)
+    parsed = parse_config(to_pbtxt(config))
+    assert parsed == config
+    params = repo_mod.pipeline_params(parsed)
+    assert params == PARAMS
+    written = parameters_of(parsed)
+    # Everything written is a contract field, except Triton's own switch.
+    assert {k: v for k, v in written.items() if k not in TRITON_PARAMETERS} == params.to_parameters()
+    assert written["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"  # GPU pipeline: keep tensors on the GPU
+    assert repo_mod.pipeline_config(params) == config
+
+
+def test_pipeline_config_io_is_the_contracts():
+    config = repo_mod.pipeline_config(dataclasses.replace(PARAMS, device="cpu"))
+    assert [(i.name, i.optional) for i in config.input] == [(f.name, not f.required) for f in INPUTS]
+    assert {o.name: list(o.dims) for o in config.output} == {"IMAGE": [768, 640, 3],
+                                                             "LATENTS": [4, 96, 80]}
+    assert parameters_of(config)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "yes"
+
+
+def test_unknown_or_missing_parameter_is_rejected():
+    written = PARAMS.to_parameters()
+    with pytest.raises(ValueError, match="'stride' is not part of the contract"):
+        PipelineParams.from_parameters({**written, "stride": "2"})
+    del written["latent_shape"]
+    with pytest.raises(ValueError, match="missing: \\['latent_shape'\\]"):
+        PipelineParams.from_parameters(written)
+
+
+def inputs_getter(**arrays):
+    return lambda name: arrays.get(name)
+
+
+def test_request_from_inputs_applies_defaults_and_values():
+    defaults = Request(steps=30, scheduler="euler")
+    got = Request.from_inputs(inputs_getter(PROMPT=np.array([b"a seven"], object),
+                                            SEED=np.array([MAX_SEED], np.int64),
+                                            GUIDANCE_SCALE=np.array([0.0], np.float32)), defaults)
+    assert got == Request("a seven", seed=MAX_SEED, steps=30, guidance_scale=0.0, scheduler="euler")
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"PROMPT": None}, "PROMPT is required"),
+    ({"PROMPT": np.array([b"  "], object)}, "PROMPT must be a non-empty"),
+    ({"PROMPT": np.array([b"\xff"], object)}, "PROMPT must be valid UTF-8"),
+    ({"STEPS": np.array([0], np.int32)}, r"STEPS must be in \[1, 1000\], got 0"),
+    ({"STEPS": np.array([4, 5], np.int32)}, "STEPS must hold exactly one element, got shape \\[2\\]"),
+    ({"STEPS": np.array([4], np.int32), "WARMUP": np.array([4], np.int32)},
+     r"WARMUP must be in \[1, 3\]"),
+    ({"SEED": np.array([-1], np.int64)}, "SEED must be in \\[0, "),
+    ({"GUIDANCE_SCALE": np.array([np.nan], np.float32)}, "GUIDANCE_SCALE must be a finite number"),
+    ({"SCHEDULER": np.array([b"pndm"], object)}, "SCHEDULER must be one of"),
+])
+def test_request_errors_name_the_field_and_range(inputs, message):
+    arrays = {"PROMPT": np.array([b"a seven"], object), **inputs}  # None: not sent
+    with pytest.raises(ValueError, match=message):
+        Request.from_inputs(inputs_getter(**arrays), Request())
+
+
+def test_inputs_cover_the_request_and_encode_as_declared():
+    assert {f.field for f in INPUTS} == {f.name for f in dataclasses.fields(Request)}
+    request = Request("héllo", "n", 3, 10, 2.5, 2, "dpmsolver++")
+    arrays = request.to_inputs()
+    for name, array in arrays.items():
+        f = INPUT_BY_NAME[name]
+        assert array.shape == (1,) and array.dtype == f.numpy_dtype
+    assert arrays["PROMPT"][0] == "héllo".encode()
+    assert Request.from_inputs(arrays.get, Request()) == request
+
+
+def test_request_arguments_for_client_and_export():
+    client, export = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_request_arguments(client, None)
+    add_request_arguments(export, Request())
+    assert vars(client.parse_args([])) == {f.field: None for f in INPUTS if not f.required}
+    assert vars(export.parse_args(["--guidance-scale", "2"])) == {
+        **{f.field: getattr(Request(), f.field) for f in INPUTS if not f.required},
+        "guidance_scale": 2.0}

@@ -1,0 +1,144 @@
+"""Generation: B requests in lockstep equal the same requests run one by one (tiny model, fp32)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from asyncdiff.contract import Request
+from asyncdiff.generation import Generation, cfg_batch
+from asyncdiff.pipeline import AsyncDiffPipeline
+
+REQUESTS = [
+    Request("a handwritten digit 3", seed=5, steps=6, guidance_scale=3.0),
+    Request("the number seven", negative_prompt="blurry", seed=11, steps=6, guidance_scale=5.5),
+    Request("digit 0", seed=2**40 + 1, steps=6, guidance_scale=0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def sd():
+    from asyncdiff.tiny import load_pipeline
+
+    torch.manual_seed(0)
+    return load_pipeline()
+
+
+def per_request(runner, batch):
+    """A wave executor that runs each request's [uncond_b; cond_b] rows as its own call.
+
+    It isolates the Generation's bookkeeping (seeds, CFG layout, per-request guidance,
+    scheduler, cache) from batched-kernel reassociation: every call then sees exactly the
+    batch-2 input the request sees alone.
+    """
+    def execute(wave):
+        outs = []
+        for call in wave:
+            rows = [[b, batch + b] for b in range(batch)]
+            parts = [runner.run_wave([dataclasses.replace(
+                call, inputs={n: v[r] for n, v in call.inputs.items()})])[0] for r in rows]
+            outs.append({n: cfg_batch([p[n] for p in parts]) for n in parts[0]})
+        return outs
+    return execute
+
+
+@pytest.mark.parametrize("n, s, scheduler", [(2, 1, "ddim"), (2, 2, "ddim"), (2, 2, "euler")])
+def test_batch_equals_requests_one_by_one(sd, n, s, scheduler):
+    pipe = AsyncDiffPipeline(sd, components=n, stride=s)
+    reqs = [Request(**{**r.__dict__, "scheduler": scheduler}) for r in REQUESTS]
+    alone = torch.cat([pipe.generate_latents(r) for r in reqs])
+    gen = pipe.generation(reqs)
+    batch = gen.run(per_request(pipe.runner, len(reqs)))
+    assert batch.shape == (3, 4, 16, 16)
+    assert (batch - alone).abs().max().item() <= 1e-6
+    # the requests really differ: distinct seeds and guidance give distinct latents
+    assert (alone[0] - alone[1]).abs().max().item() > 0.1
+    # One batched call per component: CPU kernels reassociate across batch sizes (~1e-5 here).
+    assert (pipe.generate_latents(reqs) - alone).abs().max().item() <= 1e-4
+
+
+def test_batched_stride_merges_the_stride_pair(sd):
+    """Batched stride: the last component's two calls become one call; the result stays close."""
+    pipe = AsyncDiffPipeline(sd, components=2, stride=2, batched_stride=True)
+    gen = pipe.generation(REQUESTS[0])
+    waves = []
+
+    def execute(wave):
+        waves.append([(c.positions, c.split) for c in wave])
+        return pipe.runner.run_wave(wave)
+
+    merged = gen.run(execute)
+    # step 1 is the first compute round: component 0, then component 1's main call and copy as one
+    assert waves[2] == [((0,), None), ((1, 2), 2)]
+    pipe.batched_stride = False  # same partition, the pair as two calls
+    plain = pipe.generate_latents(REQUESTS[0])
+    assert (merged - plain).abs().max().item() <= 1e-5
+
+
+def test_timestep_and_sample_are_built_once(sd):
+    pipe = AsyncDiffPipeline(sd, components=2)
+    converted = []
+
+    def to_executor(name, tensor):
+        converted.append(name)
+        return tensor
+
+    text = pipe.encode_text("digit 1", "")
+    gen = Generation(pipe.partition, [Request("digit 1", steps=4)], {"encoder_hidden_states": text},
+                     sd.scheduler.config, to_executor=to_executor)
+    gen.run(pipe.runner.run_wave)
+    # 4 steps x 2 calls: text once, one timestep per index, one sample per step
+    assert sorted(converted) == ["encoder_hidden_states"] + ["sample"] * 4 + ["timestep"] * 4
+
+
+@pytest.mark.parametrize("field, name", [("steps", "STEPS"), ("warmup", "WARMUP"),
+                                         ("scheduler", "SCHEDULER")])
+def test_shared_fields_must_agree(sd, field, name):
+    pipe = AsyncDiffPipeline(sd, components=2)
+    other = {"steps": 7, "warmup": 2, "scheduler": "euler"}[field]
+    reqs = [REQUESTS[0], Request(**{**REQUESTS[0].__dict__, field: other})]
+    with pytest.raises(ValueError, match=f"{name} must be the same for every request"):
+        pipe.generation(reqs)
+
+
+def test_conditioning_batch_must_match(sd):
+    pipe = AsyncDiffPipeline(sd, components=2)
+    text = pipe.encode_text("digit 1", "")
+    with pytest.raises(ValueError, match="2 requests need 4"):
+        Generation(pipe.partition, REQUESTS[:2], {"encoder_hidden_states": text}, sd.scheduler.config)
+
+
+def test_cfg_batch_layout():
+    a, b = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [4.0]])  # [uncond; cond] each
+    assert cfg_batch([a, b]).flatten().tolist() == [1.0, 3.0, 2.0, 4.0]
+
+
+def test_split_executors_hand_over_through_the_cache(sd):
+    """Two executors, each running one component (as two ranks would), exchanging activations
+    and the noise prediction through the cache's public hand-over, equal one LocalRunner."""
+    pipe = AsyncDiffPipeline(sd, components=2)
+    req = REQUESTS[1]
+    want = pipe.generate_latents(req)
+    owner = pipe.generation(req)  # component 0, latents, scheduler
+    helper = Generation(pipe.partition, [req], owner.conditioning, timesteps=owner.timesteps)
+    for i in range(owner.steps):
+        for wave in owner.cache.waves(i):
+            sent = []
+            for gen, k in ((owner, 0), (helper, 1)):
+                mine = [(p, c) for p, c in wave if c.component == k]
+                if mine:
+                    calls = gen.calls(i, mine)
+                    outs = pipe.runner.run_wave(calls)
+                    gen.record(calls, outs)
+                    sent += [(k, out) for out in outs]
+            for k, out in sent:  # after the whole wave, as messages would arrive
+                if k == 0:
+                    for name, value in out.items():
+                        helper.cache.receive(name, i, value)
+                else:
+                    owner.cache.receive_noise_pred(i, out["noise_pred"])
+        helper.cache.drop_noise_preds()
+        owner.advance(i)
+    assert torch.equal(owner.latents, want)
+    with pytest.raises(RuntimeError, match="only routes calls"):
+        helper.advance(0)

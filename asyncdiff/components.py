@@ -1,10 +1,10 @@
-"""Component modules: one contiguous share of the UNet with an explicit named tensor interface.
+"""Component modules: one share of the denoiser (UNet, SD3, FLUX) with a named tensor interface.
 
 ``Component.forward(*inputs)`` takes tensors in ``input_names`` order and
 returns a tuple in ``output_names`` order, so it exports to ONNX with those
 names and serves as a Triton model unchanged.  A component holds only its own
 stages (plus the small time embedding when its stages need it): its
-``state_dict`` is its share of the UNet.
+``state_dict`` is its share of the denoiser.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from asyncdiff.partition import FINAL_STAGE, NOISE_PRED, ComponentSpec, Partition
+from asyncdiff.partition import NOISE_PRED, ComponentSpec, Partition
 from asyncdiff.stages import StageGraph, build_stage_graph, run_stages
 
 WEIGHTS_FILE = "component.safetensors"
@@ -32,10 +32,11 @@ class Component(nn.Module):
         self.stages = nn.ModuleList([graph.stages[graph.index(n)] for n in spec.stages])
         needs_temb = any(s.needs_temb for s in self.stages)
         self.time_embedding = graph.time_embedding if needs_temb else None
+        self.final = graph.stages[-1].name  # its output is the noise prediction
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = run_stages(self.stages, self.time_embedding, dict(zip(self.input_names, inputs)))
-        return tuple(env[FINAL_STAGE if n == NOISE_PRED else n] for n in self.output_names)
+        return tuple(env[self.final if n == NOISE_PRED else n] for n in self.output_names)
 
     def run(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named-in, named-out convenience for executors."""
@@ -49,7 +50,8 @@ def build_components(unet_or_graph, partition: Partition) -> list[Component]:
 
 
 def save_component(component: Component, unet_config: dict, spec: ComponentSpec, out_dir: Path) -> None:
-    """Write what ``load_component`` needs: the spec, the UNet config and this share's weights."""
+    """Write what ``load_component`` needs: the spec, the denoiser config and this share's
+    weights (``denoiser_kind`` tells from the config which model to rebuild)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -62,13 +64,14 @@ def save_component(component: Component, unet_config: dict, spec: ComponentSpec,
 
 def load_component(version_dir: str | Path, device: str = "cpu") -> Component:
     """Rebuild one component from ``save_component`` output, loading only its own weights."""
-    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
+
+    from asyncdiff.configs import denoiser_class
 
     version_dir = Path(version_dir)
     meta = json.loads((version_dir / SPEC_FILE).read_text())
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(meta["unet_config"])
+        unet = denoiser_class(meta["unet_config"]).from_config(meta["unet_config"])
     spec = ComponentSpec.from_json(meta["spec"])
     component = Component(build_stage_graph(unet), spec)
     component.load_state_dict(load_file(str(version_dir / WEIGHTS_FILE), device=device), assign=True)

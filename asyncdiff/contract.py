@@ -209,6 +209,10 @@ class PipelineParams:
         "sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32",
         "noise_pred": "float32", "input_ids": "int64", "last_hidden_state": "float32",
         "latents": "float32", "image": "float32"})
+    # CUDA id of every placement rank (``Placement.gpus``); None: a CPU deployment. With the
+    # partition's N, S and batched stride it rebuilds the placement that says where each
+    # call's outputs are consumed.
+    gpus: tuple[int, ...] | None = None
 
     def to_parameters(self) -> dict[str, str]:
         """Flat string parameters for ``config.pbtxt`` (JSON values, plain strings as is)."""

@@ -16,7 +16,8 @@ Values: the latent, timestep, conditioning and noise prediction are torch
 tensors.  They cross into the executor through ``to_executor(name, tensor)``
 (the BLS makes Triton tensors of them), once per step, timestep index or
 generation, and come back through ``from_executor``.  Activations between
-components are opaque: they pass through the cache unconverted.
+components are opaque: they pass through the cache unconverted.  Guidance
+and the scheduler step run in fp32 whatever dtype the components serve.
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ class Generation:
         """Guidance and the scheduler step with ``step``'s noise prediction (taken from the cache)."""
         if self.scheduler is None:
             raise RuntimeError("this generation has no scheduler: it only routes calls")
-        eps = self.from_executor(self.cache.noise_pred(step))
+        # fp32 whatever the components serve: some diffusers schedulers cast prev_sample to
+        # the noise prediction's dtype, which would turn the latents fp16 for good.
+        eps = self.from_executor(self.cache.noise_pred(step)).to(self.latents.dtype)
         self.model_input(step)  # diffusers expects scale_model_input before step()
         t = self.scheduler.timesteps[step]
         self.latents = self.scheduler.step(self._guide(eps), t, self.latents).prev_sample

@@ -1,4 +1,5 @@
-"""Balanced partition of the stage graph into N components, with each component's interface.
+"""Balanced partition of a denoiser's stage graph (UNet, SD3, FLUX) into N components, with
+each component's interface.
 
 Components are contiguous runs of stages chosen to minimise the largest
 component cost (exact dynamic programme).  Options:
@@ -15,7 +16,10 @@ tensors produced by other components, and ``timestep`` /
 ``encoder_hidden_states`` / ``text_embeds`` / ``time_ids`` where its stages
 need them; its outputs are the stage outputs other components consume, and
 ``noise_pred`` for the component holding ``conv_out``.  Tensor names are the
-names of the stages that produce them (see ``asyncdiff.stages``).
+names of the stages that produce them (see ``asyncdiff.stages``).  A DiT's
+components pass image and text tokens instead (roles ``image_tokens`` /
+``text_tokens``, see ``asyncdiff.dit``) and take ``pooled_projections`` (+ FLUX's
+``guidance``, ``img_ids``, ``txt_ids``) where the UNet takes text_embeds/time_ids.
 
 ``cuts`` (stage names) replace the balancer to reproduce a given split.
 
@@ -23,6 +27,7 @@ CLI::
 
     python -m asyncdiff.partition --model sd21-full --components 3 --height 768 --width 768
     python -m asyncdiff.partition --model sd21-full --cuts mid,up3_0   # the AsyncDiff N=3 split
+    python -m asyncdiff.partition --model flux-dev --components 2
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ from asyncdiff.profile import StageProfile
 
 LAYOUTS = ("sequential", "outer_ring")
 NOISE_PRED = "noise_pred"
-FINAL_STAGE = "conv_out"
+# Roles of the activations that cross cuts (the rest are pipeline inputs and noise_pred).
+ACTIVATION_ROLES = ("hidden", "skip", "image_tokens", "text_tokens")
+# Roles of the per-request conditioning a component may take besides latent and timestep.
+CONDITIONING_ROLES = ("text", "text_embeds", "time_ids", "pooled", "guidance", "img_ids", "txt_ids")
 
 
 @dataclass
 class TensorSpec:
     name: str
     shape: list[int]  # batch first
-    role: str  # latent | timestep | text | text_embeds | time_ids | hidden | skip | noise_pred
+    role: str  # latent | timestep | CONDITIONING_ROLES | ACTIVATION_ROLES | noise_pred
     producer: int | None = None  # component index, None for pipeline inputs
     dtype: str = "float32"
 
@@ -121,7 +129,7 @@ class Partition:
         """Bytes of stage outputs crossing cuts per compute round (each consumer counted)."""
         total = 0
         for comp in self.components:
-            total += sum(t.numel for t in comp.inputs if t.role in ("hidden", "skip"))
+            total += sum(t.numel for t in comp.inputs if t.role in ACTIVATION_ROLES)
         return total * bytes_per_element
 
     # -- (de)serialisation ------------------------------------------------
@@ -242,12 +250,18 @@ def build_partition(
     text_time: bool = False,
     assignment: list[list[int]] | None = None,
     cuts: list[str] | None = None,
+    reads: dict[str, list[tuple[str, str]]] | None = None,
+    writes: dict[str, list[str]] | None = None,
+    cond_inputs: list[tuple[str, str]] | None = None,
 ) -> Partition:
     """Balance ``profile``'s stages into components and derive every component's interface.
 
     ``needs[stage] = (needs_temb, needs_text)``.  ``cuts`` (stage names, see ``assign_cuts``)
     or ``assignment`` (stage indices per component) override the balancer, e.g. to reproduce
-    a published split.
+    a published split.  ``reads`` / ``writes`` (per stage: (tensor, role) read, tensors
+    written) and ``cond_inputs`` ((name, role) the time embedding needs) come from the stage
+    graph (``graph_interface``); without them the UNet's chain + ``skips`` and ``text_time``
+    give them.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -267,7 +281,19 @@ def build_partition(
         assignment = assign(profile.costs, num_components, weight)
     names = profile.names
     owner = {names[i]: k for k, idx in enumerate(assignment) for i in idx}
-    batch, _, height, width = profile.input_shapes["sample"]
+    if reads is None:
+        reads = {st: [(prev, "hidden")] + ([(skips[st], "skip")] if st in skips else [])
+                 for prev, st in zip(["sample", *names], names)}
+        reads[names[0]] = [("sample", "latent")]
+    writes = writes or {st: [st] for st in names}
+    if cond_inputs is None:
+        cond_inputs = [("timestep", "timestep")]
+        if text_time:
+            cond_inputs += [("text_embeds", "text_embeds"), ("time_ids", "time_ids")]
+    # tensor -> owning component, for every stage output
+    where = {t: owner[st] for st in names for t in writes[st]}
+    batch = profile.input_shapes["sample"][0]
+    height, width = profile.latent or profile.input_shapes["sample"][2:]
     part = Partition(
         model, len(assignment), stride, layout, batched_stride, batch, height, width,
         profile.metric, names, profile.costs, dict(skips),
@@ -275,51 +301,55 @@ def build_partition(
     for k, idx in enumerate(assignment):
         stages = [names[i] for i in idx]
         cost = sum(profile.costs[i] for i in idx)
-        inputs = _inputs(k, stages, names, skips, owner, needs, profile, text_time)
-        outputs = _outputs(k, stages, names, skips, owner, profile)
+        inputs = _inputs(k, stages, reads, where, needs, profile, cond_inputs)
+        outputs = _outputs(k, stages, names, reads, writes, owner, profile)
         part.components.append(ComponentSpec(k, stages, cost, inputs, outputs))
     return part
 
 
-def _inputs(k, stages, names, skips, owner, needs, profile, text_time) -> list[TensorSpec]:
+def _inputs(k, stages, reads, where, needs, profile, cond_inputs) -> list[TensorSpec]:
+    """The latent first, then foreign activations in stage order, then conditioning."""
     shapes, inp = profile.shapes, profile.input_shapes
-    specs: list[TensorSpec] = []
-    if names[0] in stages:
-        specs.append(TensorSpec("sample", inp["sample"], "latent"))
+    read = [(src, role) for st in stages for src, role in reads[st]]
+    specs = [TensorSpec(src, inp[src], role) for src, role in read if src not in where]
     seen = set()
-    for st in stages:
-        prev = names[names.index(st) - 1] if st != names[0] else None
-        for src, role in ((prev, "hidden"), (skips.get(st), "skip")):
-            if src is not None and owner[src] != k and src not in seen:
-                seen.add(src)
-                specs.append(TensorSpec(src, shapes[src], role, producer=owner[src]))
+    for src, role in read:
+        if src in where and where[src] != k and src not in seen:
+            seen.add(src)
+            specs.append(TensorSpec(src, shapes[src], role, producer=where[src]))
     if any(needs[s][0] for s in stages):
-        specs.append(TensorSpec("timestep", inp["timestep"], "timestep"))
-        if text_time:
-            specs.append(TensorSpec("text_embeds", inp["text_embeds"], "text_embeds"))
-            specs.append(TensorSpec("time_ids", inp["time_ids"], "time_ids"))
+        specs += [TensorSpec(name, inp[name], role) for name, role in cond_inputs]
     if any(needs[s][1] for s in stages):
         specs.append(TensorSpec("encoder_hidden_states", inp["encoder_hidden_states"], "text"))
     return specs
 
 
-def _outputs(k, stages, names, skips, owner, profile) -> list[TensorSpec]:
-    consumers: dict[str, str] = {}  # producer -> role of its first foreign consumer
-    for i, st in enumerate(names[1:], start=1):
-        for src, role in ((names[i - 1], "hidden"), (skips.get(st), "skip")):
-            if src in stages and owner[st] != k:
+def _outputs(k, stages, names, reads, writes, owner, profile) -> list[TensorSpec]:
+    mine = {t for st in stages for t in writes[st]}
+    consumers: dict[str, str] = {}  # tensor -> role of its first foreign consumer
+    for st in names:
+        for src, role in reads[st]:
+            if src in mine and owner[st] != k:
                 consumers.setdefault(src, role)
-    specs = [
-        TensorSpec(st, profile.shapes[st], consumers[st], producer=k)
-        for st in stages
-        if st in consumers
-    ]
-    if FINAL_STAGE in stages:
-        specs.append(TensorSpec(NOISE_PRED, profile.shapes[FINAL_STAGE], NOISE_PRED, producer=k))
+    specs = [TensorSpec(t, profile.shapes[t], consumers[t], producer=k)
+             for st in stages for t in writes[st] if t in consumers]
+    if names[-1] in stages:
+        specs.append(TensorSpec(NOISE_PRED, profile.shapes[names[-1]], NOISE_PRED, producer=k))
     return specs
 
 
-def partition_unet(
+def graph_interface(graph) -> dict:
+    """``build_partition``'s keywords that a stage graph determines."""
+    return dict(
+        needs={s.name: (s.needs_temb, s.needs_text) for s in graph.stages},
+        skips=graph.skips(), text_time=graph.text_time,
+        reads={s.name: s.reads() for s in graph.stages},
+        writes={s.name: list(s.writes) for s in graph.stages},
+        cond_inputs=list(graph.time_embedding.inputs),
+    )
+
+
+def partition_denoiser(
     unet,
     num_components: int | None,
     *,
@@ -333,29 +363,31 @@ def partition_unet(
     batched_stride: bool = False,
     cuts: list[str] | None = None,
 ) -> Partition:
-    """Profile ``unet`` at the latent size (default: its sample_size) and partition it:
-    balanced, or at the stage names ``cuts`` (``num_components`` may then be None)."""
+    """Profile the denoiser ``unet`` (a UNet, SD3 or FLUX transformer) at the latent size
+    (default: its sample_size) and partition it: balanced, or at the stage names ``cuts``
+    (``num_components`` may then be None)."""
     import torch
 
+    from asyncdiff.configs import default_latent_size
     from asyncdiff.profile import profile_stages
     from asyncdiff.stages import build_stage_graph
 
     if metric == "flops":
         # Count on a weightless copy: FLOPs then do not depend on where the weights live
         # (attention kernels differ between devices), so every caller gets the same cuts.
-        from diffusers import UNet2DConditionModel
-
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet.config)
+            unet = type(unet).from_config(unet.config)
     graph = build_stage_graph(unet)
-    height = height or unet.config.sample_size
-    width = width or unet.config.sample_size
+    height = height or default_latent_size(unet.config)
+    width = width or default_latent_size(unet.config)
     profile = profile_stages(graph, batch, height, width, metric)
-    needs = {s.name: (s.needs_temb, s.needs_text) for s in graph.stages}
     return build_partition(
-        profile, graph.skips(), needs, num_components, model=model, stride=stride,
-        layout=layout, batched_stride=batched_stride, text_time=graph.text_time, cuts=cuts,
+        profile, num_components=num_components, model=model, stride=stride, layout=layout,
+        batched_stride=batched_stride, cuts=cuts, **graph_interface(graph),
     )
+
+
+partition_unet = partition_denoiser  # the name the UNet-only callers use
 
 
 # -- CLI --------------------------------------------------------------------
@@ -396,7 +428,7 @@ def describe(part: Partition, steps: int = 50, warmup: int = 1) -> str:
     ideal = max(part.cost_share(k) for k in range(part.num_components))
     proj = projection(part, steps, warmup)
     lines.append(
-        f"\nlargest component {100 * ideal:.1f}% of the UNet; "
+        f"\nlargest component {100 * ideal:.1f}% of the denoiser; "
         f"cross-cut traffic per round {part.cross_bytes() / 1e6:.3f} MB fp32"
         f"\nprojected speedup {proj.speedup:.2f}x for T={steps} w={warmup} "
         f"({proj.warmup_steps} warm-up steps, {proj.rounds} rounds): the ideal with this cut's "
@@ -406,10 +438,13 @@ def describe(part: Partition, steps: int = 50, warmup: int = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from asyncdiff.configs import builtin_names, load_unet, resolve
+    from asyncdiff.configs import (
+        builtin_names, default_batch, default_latent_size, load_denoiser, resolve,
+    )
 
     p = argparse.ArgumentParser(prog="python -m asyncdiff.partition", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help=f"UNet/pipeline folder or one of {builtin_names()}")
+    p.add_argument("--model", default="tiny",
+                   help=f"denoiser/pipeline folder or one of {builtin_names()}")
     p.add_argument("--components", type=int, help="N (required unless --cuts gives it)")
     p.add_argument("--cuts", type=lambda v: [c for c in v.split(",") if c],
                    help="comma-separated stage names where components 1..N-1 start "
@@ -419,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout", default="sequential", choices=LAYOUTS)
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
-    p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one prompt with CFG)")
+    p.add_argument("--batch", type=int, help="denoiser batch (default: one prompt, i.e. 2 with "
+                                              "CFG, 1 for a guidance-distilled FLUX)")
     p.add_argument("--cost", default="flops", choices=("flops", "time"))
     p.add_argument("--steps", type=int, default=50, help="denoising steps T of the projection")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps w of the projection")
@@ -429,13 +465,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --components or --cuts")
     try:
         source = resolve(a.model)
-        unet = load_unet(source, device="meta" if a.cost == "flops" else "cpu")
-        size = unet.config.sample_size
+        unet = load_denoiser(source, device="meta" if a.cost == "flops" else "cpu")
+        size = default_latent_size(unet.config)
         h = a.height // source.vae_scale if a.height else size
         w = a.width // source.vae_scale if a.width else size
-        part = partition_unet(
-            unet, a.components, model=a.model, batch=a.batch, height=h, width=w, metric=a.cost,
-            stride=a.stride, layout=a.layout, batched_stride=a.batched_stride, cuts=a.cuts,
+        part = partition_denoiser(
+            unet, a.components, model=a.model, batch=a.batch or default_batch(unet.config),
+            height=h, width=w, metric=a.cost, stride=a.stride, layout=a.layout,
+            batched_stride=a.batched_stride, cuts=a.cuts,
         )
         text = describe(part, a.steps, a.warmup)
     except ValueError as e:

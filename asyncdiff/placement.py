@@ -9,6 +9,9 @@ Pure Python (no torch). Every executor and deployment tool asks this module, so
 * batched stride keeps N devices: the last device runs both timesteps of a
   round as one doubled batch;
 * the pipeline (latents, scheduler, text encoder, VAE) lives with component 0.
+* a call's outputs land on the device that consumes them: component k's on
+  its main reader's (k+1 in a sequential split), the noise prediction, text
+  states and image on the pipeline's.
 
 A *rank* is a device position 0..world_size-1; ``gpus`` maps ranks to CUDA
 device ids (``None``: CPU, one process or instance per rank).
@@ -44,8 +47,9 @@ class Placement:
             object.__setattr__(self, "gpus", tuple(int(g) for g in self.gpus))
             if len(self.gpus) != self.world_size:
                 raise ValueError(self._count_message(len(self.gpus), "GPUs are listed"))
-            if len(set(self.gpus)) != len(self.gpus):
-                raise ValueError(f"gpus must be distinct, got {list(self.gpus)}")
+            # A GPU may hold several ranks (e.g. every component on GPU 0 for a one-GPU check).
+            if min(self.gpus) < 0:
+                raise ValueError(f"gpus must be CUDA device ids >= 0, got {list(self.gpus)}")
 
     @classmethod
     def for_devices(cls, components: int, stride: int, batched_stride: bool,
@@ -115,6 +119,42 @@ class Placement:
     def pipeline_gpu(self) -> int | None:
         return None if self.gpus is None else self.gpus[self.pipeline_rank]
 
+    # -- where outputs land ---------------------------------------------------
+    def consumer_rank(self, component: int, reader: int | None = None) -> int:
+        """Rank that consumes component k's outputs, where a call should ask for them.
+
+        The last component's outputs (the noise prediction, the stride copy's
+        too) go to the pipeline. Component k < N-1's go to ``reader`` (default
+        k+1), the component that reads most of them: one response lands on
+        one device, so a skip read by a later component takes one more copy.
+        With plain S=2 the last component's first instance is the target;
+        Triton, not the caller, picks the instance.
+        """
+        last = self.components - 1
+        if not 0 <= component <= last:
+            raise ValueError(f"component must be in [0, {last}], got {component}")
+        if component == last:
+            return self.pipeline_rank
+        reader = component + 1 if reader is None else reader
+        if not component < reader <= last:
+            raise ValueError(f"reader of component {component} must be in [{component + 1}, {last}], "
+                             f"got {reader}")
+        return self.component_ranks(reader)[0]
+
+    def output_gpu(self, component: int | None = None, reader: int | None = None) -> int | None:
+        """CUDA id a call asks its outputs in (``preferred_memory``); None on the CPU, where
+        outputs stay where the runtime put them. ``component=None``: a pipeline network
+        (text encoder, VAE), whose output the pipeline consumes."""
+        if self.gpus is None:
+            return None
+        return self.gpus[self.pipeline_rank if component is None
+                         else self.consumer_rank(component, reader)]
+
+    def output_gpus(self, components) -> tuple[int | None, ...]:
+        """``output_gpu`` of every component of a partition (``Partition.components``)."""
+        readers = main_readers(components)
+        return tuple(self.output_gpu(k, readers[k]) for k in range(self.components))
+
     # -- calls ---------------------------------------------------------------
     def rank_of(self, step: "Step", position: int) -> int:
         """Rank that executes call ``position`` of ``step``."""
@@ -128,6 +168,17 @@ class Placement:
                 "batched_stride": self.batched_stride, "world_size": self.world_size,
                 "gpus": None if self.gpus is None else list(self.gpus),
                 "ranks": [list(self.component_ranks(k)) for k in range(self.components)]}
+
+
+def main_readers(components) -> list[int | None]:
+    """For each component (``ComponentSpec``s), the later component that reads the most
+    elements of its outputs (hidden and skip inputs it produced); None for the last."""
+    readers = []
+    for k in range(len(components)):
+        read = {j: sum(t.numel for t in components[j].inputs if t.producer == k)
+                for j in range(k + 1, len(components))}
+        readers.append(max(read, key=lambda j: (read[j], -j)) if read else None)
+    return readers
 
 
 def main(argv: list[str] | None = None) -> int:

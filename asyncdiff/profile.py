@@ -19,9 +19,10 @@ METRICS = ("flops", "time")
 class StageProfile:
     names: list[str]
     costs: list[float]  # FLOPs, or seconds per call
-    shapes: dict[str, list[int]]  # stage name -> output shape (batch first)
+    shapes: dict[str, list[int]]  # tensor (stage output) name -> shape (batch first)
     input_shapes: dict[str, list[int]]  # pipeline inputs: sample, timestep, encoder_hidden_states, ...
     metric: str
+    latent: list[int] | None = None  # [height, width] of the latent (FLUX packs its sample)
 
 
 def _weight(graph: StageGraph) -> torch.Tensor:
@@ -71,7 +72,8 @@ def profile_stages(
             raise ValueError("profile_stages needs inputs=... or batch, height and width")
         inputs = stage_inputs(graph, batch, height, width, device)
     else:
-        check_sample_size(graph.config, *inputs["sample"].shape[2:])
+        height, width = latent_size(graph, inputs)
+        check_sample_size(graph.config, height, width)
         inputs = cast_inputs(graph, inputs)
     costs: list[float] = []
 
@@ -81,9 +83,21 @@ def profile_stages(
 
     with torch.no_grad():
         values = graph.run(dict(inputs), on_stage=measure)
-    shapes = {n: list(values[n].shape) for n in graph.names}
+    shapes = {n: list(values[n].shape) for n in graph.tensors}
     input_shapes = {k: list(v.shape) for k, v in inputs.items()}
-    return StageProfile(graph.names, costs, shapes, input_shapes, metric)
+    return StageProfile(graph.names, costs, shapes, input_shapes, metric, [height, width])
+
+
+def latent_size(graph: StageGraph, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Latent (height, width) of ``inputs``: the sample's last two sides, or for FLUX's packed
+    sample twice the token grid that ``img_ids`` spans."""
+    if graph.kind != "flux":
+        return tuple(inputs["sample"].shape[-2:])
+    ids = inputs["img_ids"]
+    if ids.device.type == "meta":
+        raise ValueError("a FLUX profile on the meta device needs batch, height and width")
+    ids = ids.reshape(-1, ids.shape[-1])
+    return int(ids[:, 1].max()) * 2 + 2, int(ids[:, 2].max()) * 2 + 2
 
 
 def _measure(call: Callable[[], object], metric: str, repeats: int, warmup: int,

@@ -1,4 +1,8 @@
-"""A diffusers ``UNet2DConditionModel`` as an ordered list of stages with an explicit skip stack.
+"""A denoiser as an ordered list of stages: the stage loop, and the UNet's stages.
+
+``build_stage_graph`` takes a diffusers ``UNet2DConditionModel`` (stages below)
+or an SD3 / FLUX transformer (stages in ``asyncdiff.dit``).  The UNet has an
+explicit skip stack.
 
 Stage names (they are also the names of the tensors the stages produce)::
 
@@ -14,9 +18,10 @@ The skip stack is LIFO exactly as in diffusers: ``up{b}_{j}`` pops the most
 recent unpopped push.  ``Stage.skip`` names the stage whose output it pops, so
 every skip connection of the UNet is visible in ``StageGraph.skips()``;
 ``Stage.prev`` names the tensor it continues from (``sample`` for ``conv_in``).
-With both inputs named, ``run_stages`` -- the one stage loop, used by the
-graph, the components, the profiler and export -- reads every input from and
-writes every output to one dict of named tensors.
+With both inputs named (``Stage.reads``), ``run_stages`` -- the one stage
+loop, used by the graph, the components, the profiler and export -- reads every
+input from and writes every output (``Stage.writes``) to one dict of named
+tensors.
 
 The time embedding (timestep projection, MLP and SDXL's ``text_time`` added
 conditioning) is not a stage: it is small, so every component recomputes it
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from asyncdiff.configs import denoiser_kind
 
 SUPPORTED_DOWN = {"DownBlock2D", "CrossAttnDownBlock2D"}
 SUPPORTED_UP = {"UpBlock2D", "CrossAttnUpBlock2D"}
@@ -49,6 +56,15 @@ class TimeEmbedding(nn.Module):
             self.add_embedding = unet.add_embedding
         self.act = unet.time_embed_act
 
+    @property
+    def inputs(self) -> list[tuple[str, str]]:
+        """(name, role) of the pipeline inputs it is computed from."""
+        extra = [("text_embeds", "text_embeds"), ("time_ids", "time_ids")] if self.text_time else []
+        return [("timestep", "timestep"), *extra]
+
+    def embed(self, env: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return self(env["timestep"], dtype, env.get("text_embeds"), env.get("time_ids"))
+
     def forward(self, timestep, dtype, text_embeds=None, time_ids=None):
         emb = self.time_embedding(self.time_proj(timestep).to(dtype))
         if self.text_time:
@@ -59,7 +75,8 @@ class TimeEmbedding(nn.Module):
 
 
 class Stage(nn.Module):
-    """One stage: ``forward(hidden, skip, temb, text) -> hidden``."""
+    """One stage: ``forward(hidden, skip, temb, text) -> hidden`` (UNet), or the token streams
+    of a DiT (``asyncdiff.dit``); it writes one tensor per name in ``writes``."""
 
     needs_temb = False
     needs_text = False
@@ -70,6 +87,13 @@ class Stage(nn.Module):
         self.skip = skip  # name of the stage whose output this one pops
         self.pushes = pushes
         self.prev = "sample"  # tensor this stage continues from; set by build_stage_graph
+        self.writes = [name]  # the tensors it produces, its main output first
+
+    def reads(self) -> list[tuple[str, str]]:
+        """(tensor, role) of each activation it reads: what crosses a cut into it."""
+        if self.prev == "sample":
+            return [("sample", "latent")]
+        return [(self.prev, "hidden")] + ([(self.skip, "skip")] if self.skip else [])
 
     def inputs(self, env: dict[str, torch.Tensor], temb, text) -> tuple:
         """The call's arguments, read from ``env`` by name."""
@@ -150,10 +174,11 @@ class ConvOut(Stage):
 
 @dataclass
 class StageGraph:
-    """The UNet as stages in execution order plus the shared time embedding."""
+    """The denoiser as stages in execution order plus the shared time embedding (for a DiT:
+    ``asyncdiff.dit.DitConditioning``)."""
 
     stages: list[Stage]
-    time_embedding: TimeEmbedding
+    time_embedding: nn.Module  # .inputs, .embed(env, dtype)
     config: dict
 
     @property
@@ -169,7 +194,16 @@ class StageGraph:
 
     @property
     def text_time(self) -> bool:
-        return self.time_embedding.text_time
+        return getattr(self.time_embedding, "text_time", False)
+
+    @property
+    def kind(self) -> str:
+        return denoiser_kind(self.config)
+
+    @property
+    def tensors(self) -> list[str]:
+        """Every tensor the stages write, in order."""
+        return [n for s in self.stages for n in s.writes]
 
     def run(self, env: dict[str, torch.Tensor], stages: Sequence[str] | None = None,
             on_stage: StageHook | None = None) -> dict[str, torch.Tensor]:
@@ -177,21 +211,23 @@ class StageGraph:
         chosen = self.stages if stages is None else [self.stages[self.index(n)] for n in stages]
         return run_stages(chosen, self.time_embedding, env, on_stage)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        """Run every stage in order: equals ``unet(...).sample``."""
+    def forward(self, sample, timestep, encoder_hidden_states, **conditioning):
+        """Run every stage in order: equals ``unet(...).sample`` / ``transformer(...).sample``.
+        ``conditioning``: text_embeds, time_ids (SDXL); pooled_projections, guidance, img_ids,
+        txt_ids (DiT)."""
         env = {"sample": sample, "timestep": expand_timestep(timestep, sample),
                "encoder_hidden_states": encoder_hidden_states}
-        if self.text_time:
-            env.update(text_embeds=text_embeds, time_ids=time_ids)
+        env.update({name: conditioning[name] for name, _ in self.time_embedding.inputs
+                    if name != "timestep"})
         return self.run(env)[self.stages[-1].name]
 
 
-def run_stages(stages: Sequence[Stage], time_embedding: TimeEmbedding | None,
+def run_stages(stages: Sequence[Stage], time_embedding: nn.Module | None,
                env: dict[str, torch.Tensor], on_stage: StageHook | None = None,
                ) -> dict[str, torch.Tensor]:
     """The stage loop: run ``stages`` in order, each reading its inputs from ``env`` by name
     (``Stage.prev``, ``Stage.skip``, ``timestep``, ``encoder_hidden_states``, ...) and writing
-    its output to ``env[stage.name]``; returns ``env``.
+    its outputs to ``env`` under ``stage.writes``; returns ``env``.
 
     The time embedding is computed once, in the dtype of the first stage's hidden input, when
     a stage needs it. ``on_stage`` replaces the plain call ``stage(*args)``. No branch depends
@@ -199,12 +235,15 @@ def run_stages(stages: Sequence[Stage], time_embedding: TimeEmbedding | None,
     """
     temb = None
     if time_embedding is not None and any(s.needs_temb for s in stages):
-        temb = time_embedding(env["timestep"], env[stages[0].prev].dtype,
-                              env.get("text_embeds"), env.get("time_ids"))
+        temb = time_embedding.embed(env, env[stages[0].prev].dtype)
     text = env.get("encoder_hidden_states")
     for stage in stages:
         args = stage.inputs(env, temb, text)
-        env[stage.name] = on_stage(stage, args) if on_stage is not None else stage(*args)
+        out = on_stage(stage, args) if on_stage is not None else stage(*args)
+        if len(stage.writes) == 1:
+            env[stage.name] = out
+        else:
+            env.update(zip(stage.writes, out, strict=True))
     return env
 
 
@@ -215,7 +254,12 @@ def expand_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
 
 
 def build_stage_graph(unet: nn.Module) -> StageGraph:
-    """Decompose ``unet`` into stages; the stages share (not copy) the UNet's modules."""
+    """Decompose a UNet, SD3 or FLUX transformer into stages sharing (not copying) its modules."""
+    kind = denoiser_kind(unet.config)
+    if kind != "unet":
+        from asyncdiff.dit import build_dit_graph
+
+        return build_dit_graph(unet, kind)
     check_supported(unet)
     stages: list[Stage] = [ConvIn(unet)]
     stack = ["conv_in"]
@@ -272,7 +316,13 @@ def check_supported(unet: nn.Module) -> None:
 
 
 def check_sample_size(unet_config: dict, height: int, width: int) -> None:
-    """Latent sides must divide by 2**downsamplers: upsamplers then double exactly."""
+    """Latent sides must divide by 2**downsamplers: upsamplers then double exactly (DiTs:
+    ``asyncdiff.dit.check_dit_sample_size``)."""
+    kind = denoiser_kind(unet_config)
+    if kind != "unet":
+        from asyncdiff.dit import check_dit_sample_size
+
+        return check_dit_sample_size(unet_config, kind, height, width)
     factor = 2 ** (len(unet_config["down_block_types"]) - 1)
     for name, side in (("height", height), ("width", width)):
         if side < factor or side % factor:

@@ -10,6 +10,8 @@
 #   VALIDATE    1: run the CPU parity checks during the export           [0]
 #   MODEL_REPOSITORY  where the repository lives         [/models/repository]
 #   EXPORT_ARGS extra arguments for `python3 -m export` (e.g. --fp16)
+#   CUDA_MEMORY_POOL_MB  Triton's CUDA memory pool per GPU in use, MiB
+#               [the size export recommends in <repository>/deployment.json]
 set -euo pipefail
 
 repo="${MODEL_REPOSITORY:-/models/repository}"
@@ -50,4 +52,9 @@ else
     mv "$tmp" "$repo"
 fi
 
-exec tritonserver --model-repository="$repo" "$@"
+# --cuda-memory-pool-byte-size=<gpu>:<bytes> for every GPU of the repository (Triton's
+# default, 64 MiB, is far below what the cut tensors of one SD round need at 768x768).
+pool_args="$(python3 -m serve.deployment "$repo" \
+    ${CUDA_MEMORY_POOL_MB:+--cuda-memory-pool-mb "$CUDA_MEMORY_POOL_MB"})"
+# shellcheck disable=SC2086  # pool_args is a list of words on purpose
+exec tritonserver --model-repository="$repo" $pool_args "$@"

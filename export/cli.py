@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from asyncdiff.contract import INPUTS, VAE_DECODER, PipelineParams, Request, add_request_arguments
+from asyncdiff.partition import ACTIVATION_ROLES
 from asyncdiff.placement import Placement
 from export import repository as repo_mod
 from export import tensorrt as trt_mod
-from serve import deployment
 from export.onnx_export import (
     Artifact, InterfaceSampler, Network, ParityError, component_network, export_network,
     save_torch_component, text_encoder_network, vae_decoder_network,
 )
+from serve import deployment
 
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
@@ -122,15 +123,24 @@ def latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
 
 
 def run_export(opts: ExportOptions) -> ExportResult:
-    """Everything but the printing: returns what was written and checked."""
-    from asyncdiff.components import build_components
-    from asyncdiff.partition import partition_unet
-    from asyncdiff.stages import build_stage_graph
-
+    """Everything but the printing: returns what was written and checked. A failure
+    removes what this run wrote in ``opts.out`` (and nothing else)."""
     start = time.perf_counter()
     _check_options(opts)
     place = placement(opts)  # bad --gpus fail here, before any export
     out = _prepare_out(Path(opts.out), opts.overwrite)
+    try:
+        return _export_into(opts, out, place, start)
+    except BaseException:
+        repo_mod.clear(out)  # a half-written repository would load, or block the next run
+        raise
+
+
+def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float) -> ExportResult:
+    from asyncdiff.components import build_components
+    from asyncdiff.partition import partition_unet
+    from asyncdiff.stages import build_stage_graph
+
     source = load_source(opts.model)
     h, w = latent_size(opts, source)
     part = partition_unet(source.unet, opts.components, model=opts.model, batch=opts.batch,
@@ -275,7 +285,7 @@ def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
         latent_shape=(source.unet.config.in_channels, h, w), image_shape=(height, width, 3),
         vae_scaling_factor=float(source.vae.config.scaling_factor), defaults=opts.defaults,
         component_timeout_s=opts.component_timeout_s, device=place.device(place.pipeline_rank),
-        dtypes=served_dtypes(part, artifacts))
+        dtypes=served_dtypes(part, artifacts), gpus=place.gpus)
     repo_mod.write(out, repo_mod.pipeline_config(params),
                    repo_mod.pipeline_files(part, params, source.scheduler_config,
                                            source.tokenizer_dir))
@@ -331,8 +341,8 @@ def summary(result: ExportResult) -> str:
     by_name = {a.name: a for a in result.artifacts}
     for comp in part.components:
         art = by_name[comp.name]
-        cin = sum(t.numel for t in comp.inputs if t.role in ("hidden", "skip")) * bpe
-        cout = sum(t.numel for t in comp.outputs if t.role in ("hidden", "skip")) * bpe
+        cin = sum(t.numel for t in comp.inputs if t.role in ACTIVATION_ROLES) * bpe
+        cout = sum(t.numel for t in comp.outputs if t.role in ACTIVATION_ROLES) * bpe
         lines.append(f"{comp.name:14s} {comp.stages[0] + '..' + comp.stages[-1]:22s} "
                      f"{100 * part.cost_share(comp.index):5.1f}% {_size(cin):>10s} {_size(cout):>10s} "
                      f"{_err(art)} {art.seconds:5.1f}s")
@@ -350,6 +360,8 @@ def summary(result: ExportResult) -> str:
     lines.append(f"\nfiles in {opts.out}:")
     for path in sorted(p for p in Path(opts.out).rglob("*") if p.is_file()):
         lines.append(f"  {_size(path.stat().st_size):>10s}  {path.relative_to(opts.out)}")
+    lines += [f"\nnote: {a.name} stays fp32 under --fp16: {a.fp32_reason}"
+              for a in result.artifacts if opts.fp16 and a.fp32_reason]
     lines += [f"\nnote: {n}" for n in result.notes]
     if result.build_commands and not result.engines:
         lines.append("\nEngines must be built on a GPU host with TensorRT 10 (trtexec), from the "

@@ -20,6 +20,7 @@ largest magnitude (at least 1).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -239,9 +240,42 @@ def session(path: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (torch.nn.RMSNorm: FLUX's q/k norms) in opset-17 ops; ONNX has
+    RMSNormalization only from opset 23. Computed in fp32 like torch does for fp16 inputs."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = len(sh._get_const(normalized_shape, "is", "normalized_shape"))
+    eps = torch.finfo(torch.float32).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    xf = g.op("Cast", x, to_i=1)  # TensorProto.FLOAT
+    mean = g.op("ReduceMean", g.op("Mul", xf, xf), axes_i=list(range(-dims, 0)), keepdims_i=1)
+    eps = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+    y = g.op("CastLike", g.op("Div", xf, g.op("Sqrt", g.op("Add", mean, eps))), x)
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+@contextlib.contextmanager
+def _traceable_unflatten():
+    """``Tensor.unflatten`` traces into a Reshape to the example's constant shape, baking the
+    export batch into the graph (FLUX's attention splits heads with it); a reshape built from
+    the traced sizes keeps dim 0 dynamic."""
+    original = torch.Tensor.unflatten
+
+    def unflatten(self, dim, sizes):
+        dim = dim % self.dim()
+        return self.reshape(*self.shape[:dim], *sizes, *self.shape[dim + 1:])
+
+    torch.Tensor.unflatten = unflatten
+    try:
+        yield
+    finally:
+        torch.Tensor.unflatten = original
+
+
 def _torch_export(module, example, path, input_names, output_names) -> None:
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
     axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _traceable_unflatten():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation + tracer warnings
         torch.onnx.export(
             module, tuple(example), str(path), opset_version=OPSET, dynamo=False,

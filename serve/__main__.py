@@ -32,7 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "export recommends in deployment.json; ignored on a CPU-only host)")
     parser.add_argument("extra_args", nargs="*", metavar="-- TRITONSERVER_ARG",
                         help="passed to tritonserver as is, e.g. -- --log-verbose=1")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cuda_memory_pool_mb is not None and args.cuda_memory_pool_mb < 0:
+        parser.error(f"--cuda-memory-pool-mb must be >= 0, got {args.cuda_memory_pool_mb}")
+    return args
 
 
 def _env_port(name: str, default: int) -> int:

@@ -9,6 +9,10 @@ Python-based backends: for a model whose config says ``backend: "<name>"``,
 tritonserver 2.51 looks for ``<backend-directory>/<name>/model.py`` and runs it
 with the shared Python backend (``<backend-directory>/python/``: its
 libtriton_python.so and stub). model.py alone is enough in that folder.
+
+On a GPU host the server gets a CUDA memory pool per GPU of the repository, sized
+as its ``deployment.json`` recommends (``serve.deployment``); on a CPU-only host it
+gets no CUDA flag at all.
 """
 
 from __future__ import annotations
@@ -165,6 +169,9 @@ class TritonServer:
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     cuda_memory_pool_mb: int | None = None  # per GPU; None: the repository's recommendation
+    # None: the work dir's backends (the wheel's python backend + this project's); else a
+    # backend directory laid out by hand, as on your own Triton (docs/serving-on-triton.md).
+    backend_directory: Path | None = None
     workdir: Path = DEFAULT_WORKDIR
     startup_timeout: float = 120.0
     stop_timeout: float = 30.0
@@ -263,7 +270,7 @@ class TritonServer:
             raise ServerError(f"model_repository: {repo} is not a directory")
         args = [
             f"--model-repository={repo}",
-            f"--backend-directory={tree / 'backends'}",
+            f"--backend-directory={self._backends(tree)}",
             f"--cache-directory={tree / 'caches'}",
             f"--http-address={HOST}", f"--http-port={self.http_port}",
             f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
@@ -272,6 +279,11 @@ class TritonServer:
         ]
         host = host_args(repo, _gpu_visible(), self.cuda_memory_pool_mb)
         return args + host + list(self.extra_args)
+
+    def _backends(self, tree: Path) -> Path:
+        if self.backend_directory is None:
+            return tree / "backends"
+        return Path(self.backend_directory).resolve()
 
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/health/ready"

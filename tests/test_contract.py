@@ -27,7 +27,8 @@ PARAMS = PipelineParams(
     component_timeout_s=12.5, device="cuda:1",
     dtypes={"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16",
             "noise_pred": "float16", "ids": "int64", "states": "float16", "z": "float32",
-            "x": "float32"})
+            "x": "float32"},
+    gpus=(1, 2, 3))
 
 
 def parameters_of(config) -> dict[str, str]:
@@ -62,6 +63,16 @@ def test_unknown_or_missing_parameter_is_rejected():
     del written["latent_shape"]
     with pytest.raises(ValueError, match="missing: \\['latent_shape'\\]"):
         PipelineParams.from_parameters(written)
+
+
+def test_gpus_default_to_a_cpu_deployment():
+    """A repository exported before ``gpus`` existed (no such parameter) is a CPU deployment."""
+    written = PARAMS.to_parameters()
+    assert written["gpus"] == "[1, 2, 3]"
+    del written["gpus"]
+    assert PipelineParams.from_parameters(written).gpus is None
+    cpu = dataclasses.replace(PARAMS, gpus=None)
+    assert PipelineParams.from_parameters(cpu.to_parameters()) == cpu
 
 
 def inputs_getter(**arrays):

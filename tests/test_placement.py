@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from asyncdiff.placement import Placement, main
+from asyncdiff.placement import Placement, main, main_readers
 from asyncdiff.schedule import make_plan
 
 
@@ -36,11 +36,17 @@ def test_one_message_for_an_impossible_device_count():
     (dict(components=0), "components must be >= 1"),
     (dict(components=2, stride=3), "stride must be 1 or 2"),
     (dict(components=2, batched_stride=True), "batched_stride only applies to stride 2"),
-    (dict(components=2, gpus=(1, 1)), "gpus must be distinct"),
+    (dict(components=2, gpus=(0, -1)), "gpus must be CUDA device ids >= 0"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Placement(**kwargs)
+
+
+def test_one_gpu_may_hold_every_component():
+    shared = Placement(2, gpus=(0, 0))
+    assert [shared.instance_gpus(k) for k in range(2)] == [(0,), (0,)]
+    assert shared.device(1) == "cuda:0"
 
 
 def test_instances_and_pipeline_devices():
@@ -96,3 +102,51 @@ def test_cli(capsys):
     assert capsys.readouterr().out.strip() == "--components 2 --stride 2 --gpus 2,3,5"
     assert main(["--gpus", "0,1", "--stride", "2", "--batched-stride", "no"]) == 2
     assert "N=2 S=2 needs 3 devices" in capsys.readouterr().err
+
+
+def _components(reads: list[dict[int, int]]):
+    """ComponentSpecs whose component j reads ``reads[j][k]`` elements produced by component k."""
+    from asyncdiff.partition import ComponentSpec, TensorSpec
+
+    return [ComponentSpec(j, [f"s{j}"], 1.0, [TensorSpec(f"t{k}_{j}", [n], "skip", producer=k)
+                                             for k, n in reads[j].items()], [])
+            for j in range(len(reads))]
+
+
+# sd21-full at 768², N=3 (sequential): component 0's skips to component 2 outweigh its hidden
+# state to component 1 (17.7M vs 12.5M elements), so its outputs should land beside component 2.
+SD21_N3 = [{}, {0: 12533760}, {0: 17694720, 1: 2949120}]
+
+
+def test_main_reader_is_the_component_reading_most():
+    assert main_readers(_components(SD21_N3)) == [2, 2, None]
+    assert main_readers(_components([{}, {0: 5}, {0: 5}])) == [1, 2, None]  # a tie: the nearer
+    assert main_readers(_components([{}])) == [None]
+
+
+def test_outputs_land_where_they_are_consumed():
+    place = Placement(3, 1, gpus=(4, 5, 6))
+    # default reader k+1; the last component's noise prediction goes to the pipeline (GPU 4)
+    assert [place.output_gpu(k) for k in range(3)] == [5, 6, 4]
+    assert place.output_gpu() == 4  # text encoder, VAE: the pipeline consumes them
+    assert place.output_gpus(_components(SD21_N3)) == (6, 6, 4)
+    assert place.consumer_rank(0, reader=2) == 2
+    with pytest.raises(ValueError, match="reader of component 1 must be in \\[2, 2\\], got 1"):
+        place.consumer_rank(1, reader=1)
+    with pytest.raises(ValueError, match="component must be in \\[0, 2\\], got 3"):
+        place.output_gpu(3)
+
+
+@pytest.mark.parametrize("batched, gpus, want", [
+    (False, (0, 1, 2), (1, 0)),  # plain S=2: component 0 feeds the last component's first instance
+    (True, (3, 2), (2, 3)),
+])
+def test_stride_2_outputs(batched, gpus, want):
+    place = Placement(2, 2, batched, gpus)
+    assert place.output_gpus(_components([{}, {0: 1}])) == want
+
+
+def test_cpu_outputs_stay_where_the_runtime_put_them():
+    cpu = Placement(3, 2)
+    assert (*cpu.output_gpus(_components(SD21_N3)), cpu.output_gpu()) == (None,) * 4
+    assert cpu.consumer_rank(1) == 2 and cpu.consumer_rank(2) == 0

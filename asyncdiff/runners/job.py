@@ -15,7 +15,7 @@ import torch
 
 from asyncdiff.contract import Request
 from asyncdiff.generation import Generation
-from asyncdiff.partition import Partition
+from asyncdiff.partition import CONDITIONING_ROLES, Partition
 from asyncdiff.placement import Placement
 from asyncdiff.runners.local import LocalRunner
 
@@ -24,8 +24,6 @@ SD_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1,
 )
-
-COND_ROLES = ("text", "text_embeds", "time_ids")
 
 
 @dataclass
@@ -140,7 +138,7 @@ def make_conditioning(cfg: RunConfig, partition: Partition) -> dict[str, torch.T
 
 def cond_shapes(partition: Partition) -> dict[str, list[int]]:
     """Conditioning inputs any component takes, in a fixed order (the broadcast order)."""
-    shapes = {t.name: t.shape for c in partition.components for t in c.inputs if t.role in COND_ROLES}
+    shapes = {t.name: t.shape for c in partition.components for t in c.inputs if t.role in CONDITIONING_ROLES}
     return dict(sorted(shapes.items()))
 
 

@@ -92,6 +92,7 @@ class _Spec:
     def __init__(self, entry, batching, runtime_shape):
         self.name = entry["name"]
         self.dtype = pb_utils.triton_string_to_numpy(entry["data_type"])
+        self.dtype_name = np.dtype(self.dtype).name  # the same for numpy arrays and torch tensors
         # Triton hands the backend tensors in the `reshape` shape when one is set.
         shape = entry["reshape"].get("shape", []) if "reshape" in entry else entry["dims"]
         dims = ([-1] if batching else []) + [int(d) for d in shape]
@@ -106,7 +107,7 @@ class _Spec:
         if tensor is None:
             raise InputError(f"input {self.name!r} is missing")
         array = io.read(tensor)
-        if io.dtype_name(array) != self.dtype.name:
+        if io.dtype_name(array) != self.dtype_name:
             raise InputError(f"input {self.name!r} has dtype {array.dtype}; expected {self.dtype}")
         if len(array.shape) != len(self.dims) or any(
                 d not in (-1, s) for d, s in zip(self.dims, array.shape)):
@@ -232,7 +233,10 @@ class _TorchRunner:
             values = self.module(*tensors)
         if self.io is _HostIO:
             return {n: v.detach().numpy() for n, v in zip(self.output_names, values)}
-        return dict(zip(self.output_names, values))  # stays on the GPU, handed over by DLPack
+        # The outputs stay on the GPU and go to Triton through DLPack, which does not wait
+        # for this stream's kernels: finish them before Triton reads the buffers.
+        self.torch.cuda.current_stream(self.device).synchronize()
+        return dict(zip(self.output_names, values))
 
     def describe(self):
         return f"torch on {self.device}"

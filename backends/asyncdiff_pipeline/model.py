@@ -11,6 +11,14 @@ like the input it feeds (the producing stage's name), so the response tensor
 object is passed on as the next request's input.  Only the latent going in,
 the timestep (once per timestep index) and the noise prediction coming out
 cross between torch and Triton, through DLPack when they live on a GPU.
+
+Dtypes: every tensor sent is cast to its served dtype (``PipelineParams.dtypes``:
+an fp16 export serves fp16 components beside an fp32 text encoder and VAE);
+the noise prediction and the image come back as fp32, so guidance and the
+scheduler never see fp16.  Memory (GPU deployments only): each call asks for its
+outputs on the device that consumes them (``Placement.output_gpus``), so an
+activation goes GPU k -> its reader's GPU, not through the pipeline's GPU;
+timesteps stay host tensors.  On the CPU no call states a preferred memory.
 """
 
 import asyncio
@@ -24,9 +32,11 @@ import triton_python_backend_utils as pb_utils
 from asyncdiff.contract import PipelineParams, Request
 from asyncdiff.generation import Generation, latent_input
 from asyncdiff.partition import Partition
+from asyncdiff.placement import Placement
 from asyncdiff.pipeline import to_uint8_image, token_ids
 
 TEXT_STATES = "encoder_hidden_states"  # the components' name of the text encoder's output
+HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
 
 
 class ComponentError(RuntimeError):
@@ -52,11 +62,17 @@ class TritonPythonModel:
         self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(version_dir, p.tokenizer_dir))
         self.device = torch.device(p.device)
         self.dtypes = {name: getattr(torch, dtype) for name, dtype in p.dtypes.items()}
-        # GPU deployments ask for component outputs in this GPU's memory (DLPack, no host copy).
-        self.memory = {}
-        if self.device.type == "cuda":
-            self.memory = {"preferred_memory": pb_utils.PreferredMemory(
-                pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index or 0)}
+        part = self.partition
+        place = Placement(part.num_components, part.stride, part.batched_stride, p.gpus)
+        if p.device != place.device(place.pipeline_rank):
+            raise ValueError(f"pipeline parameters device={p.device!r} and gpus={p.gpus} disagree: "
+                             f"the pipeline runs beside component 0, on "
+                             f"{place.device(place.pipeline_rank)!r}")
+        # Where each call's outputs are consumed: component k's by its main reader, the
+        # noise prediction, text states and image by the pipeline (DLPack, no host copy).
+        self.memory = {c.name: _memory(gpu) for c, gpu in zip(part.components,
+                                                              place.output_gpus(part.components))}
+        self.pipeline_memory = _memory(place.output_gpu())
         self.orphans = set()  # component calls that timed out but are still running in Triton
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
 
@@ -95,13 +111,14 @@ class TritonPythonModel:
 
     # -- model calls ---------------------------------------------------------
     async def _wave(self, calls):
-        return await asyncio.gather(*(
-            self._infer(c.model, list(c.inputs.values()), c.output_names) for c in calls))
+        return await asyncio.gather(*(self._infer(c.model, list(c.inputs.values()), c.output_names,
+                                                  self.memory[c.model]) for c in calls))
 
     async def _encode(self, ids: np.ndarray):
         """[uncond; cond] text states as the components' input tensor."""
         net = self.params.text_encoder
-        out = (await self._infer(net.model, [pb_utils.Tensor(net.input, ids)], [net.output]))[net.output]
+        out = (await self._infer(net.model, [pb_utils.Tensor(net.input, ids)], [net.output],
+                                 self.pipeline_memory))[net.output]
         if self.dtypes.get(net.output) == self.dtypes.get(TEXT_STATES):  # renaming will do
             return pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())
         return self._to_triton(TEXT_STATES, _to_torch(out, self.device))
@@ -109,8 +126,8 @@ class TritonPythonModel:
     async def _decode(self, latents):
         net = self.params.vae_decoder
         z = self._to_triton(net.input, latents / self.params.vae_scaling_factor)
-        out = await self._infer(net.model, [z], [net.output])
-        image = to_uint8_image(_to_torch(out[net.output], torch.device("cpu")))
+        out = await self._infer(net.model, [z], [net.output], self.pipeline_memory)
+        image = to_uint8_image(_to_torch(out[net.output], torch.device("cpu")).float())
         if image.shape != tuple(self.params.image_shape):  # a server-side fault: INTERNAL
             raise ValueError(f"{net.model} returned an image of shape {list(image.shape)}, "
                                f"expected image_shape {list(self.params.image_shape)}")
@@ -120,17 +137,19 @@ class TritonPythonModel:
         """torch -> a Triton tensor of the served dtype, without a host copy on a GPU."""
         if name == "timestep":  # components declare the per-sample timestep as [1]: [batch, 1]
             tensor = tensor.reshape(-1, 1)
+        if name in HOST_INPUTS:
+            tensor = tensor.cpu()
         tensor = tensor.to(self.dtypes.get(name, tensor.dtype)).contiguous()
         if tensor.is_cuda:
             return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
         return pb_utils.Tensor(name, tensor.numpy())
 
     def _noise_pred(self, tensor):
-        return _to_torch(tensor, self.device).to(torch.float32)
+        return _to_torch(tensor, self.device)  # Generation casts it to fp32 for the scheduler
 
-    async def _infer(self, model, tensors, outputs):
+    async def _infer(self, model, tensors, outputs, memory):
         request = pb_utils.InferenceRequest(
-            model_name=model, inputs=tensors, requested_output_names=outputs, **self.memory)
+            model_name=model, inputs=tensors, requested_output_names=outputs, **memory)
         future = asyncio.ensure_future(request.async_exec())
         timeout = self.params.component_timeout_s
         try:
@@ -144,6 +163,14 @@ class TritonPythonModel:
         if response.has_error():
             raise ComponentError(f"model '{model}' failed: {response.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
+
+
+def _memory(gpu):
+    """``InferenceRequest`` keywords that ask for a call's outputs on CUDA device ``gpu``;
+    none for None (CPU deployments leave outputs where the runtime put them)."""
+    if gpu is None:
+        return {}
+    return {"preferred_memory": pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, gpu)}
 
 
 def _error(message, code):

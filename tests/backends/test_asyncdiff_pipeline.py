@@ -164,8 +164,8 @@ def pipeline_parameters(server, **params):
         original = client.get_model_config("asyncdiff", as_json=True)["config"]
         config = json.loads(json.dumps(original))
         config["parameters"].update({k: {"string_value": v} for k, v in params.items()})
-        client.load_model("asyncdiff", config=json.dumps(config))
-        try:
+        try:  # a load that fails is restored too
+            client.load_model("asyncdiff", config=json.dumps(config))
             yield
         finally:
             client.load_model("asyncdiff", config=json.dumps(original))
@@ -187,6 +187,18 @@ def test_a_server_side_value_error_is_internal_not_invalid_arg(server):
         with pytest.raises(InferenceServerException, match="expected image_shape") as err:
             generate(server, SEED=1, STEPS=2)
         assert "INTERNAL" in str(err.value.status())
+    assert generate(server, SEED=1, STEPS=2)[0].shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("gpus, message", [
+    ("[0, 1, 2]", "N=2 S=1 needs 2 devices; 3 GPUs are listed"),  # placement's one message
+    ("[0, 1]", "device='cpu' and gpus=\\(0, 1\\) disagree"),  # a GPU list for a CPU pipeline
+])
+def test_gpus_that_do_not_fit_fail_the_load(server, gpus, message):
+    """The GPU list (where each call's outputs land) must fit the partition and the device."""
+    with pytest.raises(InferenceServerException, match=message):
+        with pipeline_parameters(server, gpus=gpus):
+            pass
     assert generate(server, SEED=1, STEPS=2)[0].shape == (16, 16, 3)
 
 

@@ -38,7 +38,8 @@ def identity_onnx(tmp_path):
     """A one-node fp16 graph: what an exported component folder holds, at its smallest."""
     x = helper.make_tensor_value_info("sample", TensorProto.FLOAT16, ["batch", 4])
     y = helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT16, ["batch", 4])
-    graph = helper.make_graph([helper.make_node("Identity", ["sample"], ["noise_pred"])], "g", [x], [y])
+    node = helper.make_node("Identity", ["sample"], ["noise_pred"])
+    graph = helper.make_graph([node], "g", [x], [y])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
               tmp_path / "model.onnx")
     return tmp_path
@@ -66,7 +67,8 @@ def test_gpu_instance_without_onnxruntime_cuda_fails_to_load(backend, identity_o
     assert "has no CUDAExecutionProvider" in message and "install onnxruntime-gpu" in message
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA: the GPU instance would load")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="this torch has CUDA: the GPU instance would load")
 def test_gpu_instance_without_torch_cuda_fails_to_load(backend, tmp_path):
     (tmp_path / "component.json").write_text("{}")  # never read: the CUDA check comes first
     with pytest.raises(RuntimeError) as info:
@@ -92,3 +94,41 @@ def test_dlpack_io_stacks_and_splits_torch_tensors(backend):
     assert torch.equal(parts[0]["h"], a) and torch.equal(parts[1]["h"], b)
     with pytest.raises(ValueError, match="output 'h' has batch 3; expected 4"):
         backend._split(stacked, [2, 2], io)
+
+
+@pytest.fixture(scope="module")
+def torch_component(tmp_path_factory):
+    """unet_part_1 of the tiny UNet saved for the torch runtime, and example inputs."""
+    from asyncdiff.components import build_components, save_component
+    from asyncdiff.configs import load_unet, resolve
+    from asyncdiff.partition import partition_unet
+    from asyncdiff.stages import build_stage_graph
+    from export.onnx_export import InterfaceSampler
+
+    unet = load_unet(resolve("tiny"))
+    part = partition_unet(unet, 2, model="tiny", batch=2)
+    graph = build_stage_graph(unet)
+    component = build_components(graph, part)[1]
+    folder = tmp_path_factory.mktemp("torch-component")
+    save_component(component, dict(unet.config), part.components[1], folder)
+    inputs = InterfaceSampler(graph, part.latent_height, part.latent_width, seed=5).inputs(
+        component.input_names, 2)
+    return folder, dict(zip(component.input_names, inputs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_torch_gpu_runner_keeps_tensors_on_the_gpu(backend, torch_component):  # pragma: no cover
+    folder, feeds = torch_component
+    params = {"runtime": "torch", "artifact": "component.json"}
+    cpu = backend._load_runner("unet_part_1", params, str(folder), None)
+    gpu = backend._load_runner("unet_part_1", params, str(folder), 0)
+    assert gpu.describe() == "torch on cuda:0" and isinstance(gpu.io, backend._DlpackIO)
+    expected = cpu.run({n: t.numpy() for n, t in feeds.items()})
+    outputs = gpu.run({n: t.cuda(0) for n, t in feeds.items()})
+    for name, value in outputs.items():
+        assert value.device == torch.device("cuda:0"), name
+        # the DLPack round trip the backend hands Triton: same memory, same values
+        again = torch.from_dlpack(torch.utils.dlpack.to_dlpack(value))
+        assert again.data_ptr() == value.data_ptr()
+        err = float((again.cpu() - torch.from_numpy(expected[name])).abs().max())
+        assert err <= 1e-3, (name, err)  # cuDNN/TF32 kernels against the CPU's

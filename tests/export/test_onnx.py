@@ -5,7 +5,8 @@ the random-weight SD-1.5-architecture config ``sd15``, for N = 1..4
 components and stride 1 and 2 (batched stride on a subset, see ``cases``).
 Plain stride 2 has the same partition as stride 1 (only batched stride
 re-balances), so identical components are exported once and shared through
-a cache.
+a cache.  The narrowed SD3 and FLUX transformers (``sd3``, ``flux``) go
+through the same export.
 """
 
 from __future__ import annotations
@@ -97,6 +98,25 @@ def test_component_parity(models, out_dir, model, n, stride, batched):
         assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
         opset = {o.domain: o.version for o in onnx.load(str(art.path)).opset_import}
         assert opset[""] == onnx_export.OPSET
+
+
+@pytest.mark.parametrize("name, n", [("sd3", 2), ("flux", 3)])
+def test_dit_component_parity(out_dir, name, n):
+    """SD3 / FLUX components through the same export: both token streams cross, FLUX's
+    rotary embedding and q/k RMS norms (opset-17 decomposition) stay batch-dynamic."""
+    model = load_unet(resolve(name))
+    graph = build_stage_graph(model)
+    part = partition_unet(model, n, model=name, batch=BATCH, height=16, width=16)
+    sampler = InterfaceSampler(graph, 16, 16)
+    for comp, spec in zip(build_components(graph, part), part.components):
+        path = out_dir / name / f"{spec.name}.onnx"
+        art = export_network(component_network(comp, sampler), path, BATCH)
+        assert [c.batch for c in art.checks] == [BATCH, BATCH + 1]
+        assert art.max_abs_err <= FP32_TOL, (spec.name, art.checks)
+        graph_io = onnx.load(str(path), load_external_data=False).graph
+        assert [i.name for i in graph_io.input] == spec.input_names
+        assert [o.name for o in graph_io.output] == spec.output_names
+    assert part.components[1].input_names[:2] == part.components[0].output_names
 
 
 @pytest.mark.skipif(not HAVE_TINY, reason="asyncdiff/tiny/model is not there yet")

@@ -248,7 +248,8 @@ def test_tensorrt_backend_without_tensorrt_writes_configs_and_commands(tmp_path,
     assert len(commands) == 2
     assert "--onnx=unet_part_0/1/model.onnx" in commands[0]
     assert "--saveEngine=unet_part_0/1/model.plan" in commands[0]
-    assert "--fp16" in commands[0] and "--minShapes=sample:1x4x16x16,timestep:1," in commands[0]
+    assert "--minShapes=sample:1x4x16x16,timestep:1," in commands[0]
+    assert not any("--fp16" in c for c in commands)  # an fp32 export: no FP16 builder flag
     assert "--maxShapes=sample:8x4x16x16" in commands[0]
     # Asked to build engines where TensorRT is missing: everything written, exit non-zero.
     assert export(out, *argv, "--overwrite", "--build-engines") == cli.EXIT_NO_TENSORRT
@@ -341,3 +342,22 @@ def test_every_component_count_and_stride_loads(model, n, s, tmp_path):
     with TritonServer(out, log_file=tmp_path / "server.log") as server:
         with httpclient.InferenceServerClient(server.http_url) as client:
             assert {m: client.is_model_ready(m) for m in models} == {m: True for m in models}
+
+
+def test_failed_export_removes_what_it_wrote(tmp_path, monkeypatch):
+    """A failure after the models are written leaves no partial repository behind, and
+    keeps what else was in the folder."""
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def disk_full(*args, **kwargs):
+        assert (out / "unet_part_0" / "config.pbtxt").is_file()  # the models are there by now
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cli.deployment, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export(out, "--model", "tiny", "--components", "2", "--no-validate")
+    assert repo_mod.our_models(out) == [] and [p.name for p in out.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    assert export(out, "--model", "tiny", "--components", "2", "--no-validate") == 0  # no --overwrite

@@ -57,6 +57,25 @@ def test_tensorrt_config_is_pinned_to_one_gpu():
     assert config.default_model_filename == "model.plan"
     (group,) = config.instance_group
     assert (group.kind, group.count, list(group.gpus)) == (mc.ModelInstanceGroup.KIND_GPU, 1, [3])
+    assert not config.HasField("optimization")  # CUDA graphs only when asked (static shapes)
+    graphs = roundtrip(tensorrt_model_config("unet_0", [LATENT], [NOISE], gpu=3, max_batch_size=1,
+                                             cuda_graphs=True))
+    assert graphs.optimization.cuda.graphs
+    assert "optimization {\n  cuda {\n    graphs: true\n  }\n}" in to_pbtxt(graphs)
+
+
+def test_torch_component_on_a_gpu_takes_gpu_inputs():
+    """Only the torch runtime reads GPU tensors (DLPack); onnxruntime keeps host inputs."""
+    def params(runtime, kind):
+        config = roundtrip(component_model_config(
+            "unet_part_0", [LATENT], [NOISE], runtime=runtime, artifact="x", max_batch_size=2,
+            instance_kind=kind, gpus=[0] if kind == "gpu" else None))
+        return {k: v.string_value for k, v in config.parameters.items()}
+
+    assert params("torch", "gpu") == {"runtime": "torch", "artifact": "x",
+                                      "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+    assert params("torch", "cpu") == {"runtime": "torch", "artifact": "x"}
+    assert params("onnxruntime", "gpu") == {"runtime": "onnxruntime", "artifact": "x"}
 
 
 def test_python_model_config_for_the_bls_pipeline():

@@ -79,3 +79,27 @@ def test_impossible_placement_stops_before_export(run):
     assert proc.returncode == 2
     assert "N=2 S=2 needs 3 devices" in proc.stderr
     assert calls == []
+
+
+def test_cuda_pool_flags_come_from_the_exported_repository(run, tmp_path):
+    from serve import deployment
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / ".asyncdiff-export").write_text("model=tiny --components 2 --stride 1 --gpus 0,1")
+    deployment.write(repo, [0, 1], 66_000_000, 2, 8)  # as export writes it: 504 MiB per GPU
+    proc, calls = run(2)
+    assert proc.returncode == 0, proc.stderr
+    (server,) = calls  # exported before: no export, straight to the server
+    pool = 504 << 20
+    assert server == (f"tritonserver --model-repository={repo} --cuda-memory-pool-byte-size=0:{pool} "
+                      f"--cuda-memory-pool-byte-size=1:{pool} --log-verbose=1")
+    proc, calls = run(2, CUDA_MEMORY_POOL_MB="1024")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--cuda-memory-pool-byte-size=1:{1024 << 20} --log-verbose=1" in calls[0]
+
+
+def test_fresh_export_without_pool_info_passes_no_pool_flag(run):
+    proc, calls = run(2)  # the stand-in export writes no deployment.json
+    assert proc.returncode == 0, proc.stderr
+    assert "cuda-memory-pool" not in calls[1]

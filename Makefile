@@ -39,3 +39,14 @@ test: install
 # benchmark (<= 5 min). GPU_CHECK_ARGS="--device cpu --quick" is the CPU smoke run.
 gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Here, for gpu-check on a host without the nvidia-pytriton wheel: the trimmed server archive
+# for that host's Python (GPU_PYTHON; with a stripped libpython from a shared pythonX.Y on
+# PATH, dropped by LIBPYTHON=) and the tiny cpu/gpu repositories, into .triton/ (carry it).
+.PHONY: gpu-check-prepare
+GPU_PYTHON ?= 3.12
+LIBPYTHON ?= --with-libpython
+gpu-check-prepare: | $(STAMP)
+	$(PY) -m benchmarks.triton_archive --python $(GPU_PYTHON) $(LIBPYTHON) \
+	  --out .triton/tritonserver-py$(subst .,,$(GPU_PYTHON)).tar.xz
+	$(PY) -m benchmarks.gpu_serve prepare

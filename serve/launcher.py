@@ -172,6 +172,8 @@ class TritonServer:
     # None: the work dir's backends (the wheel's python backend + this project's); else a
     # backend directory laid out by hand, as on your own Triton (docs/serving-on-triton.md).
     backend_directory: Path | None = None
+    tree: Path | None = None  # an unpacked server tree (benchmarks.triton_archive); None: the wheel's
+    env: dict[str, str] | None = None  # None: server_env()
     workdir: Path = DEFAULT_WORKDIR
     startup_timeout: float = 120.0
     stop_timeout: float = 30.0
@@ -198,7 +200,7 @@ class TritonServer:
         if self.is_running():
             raise ServerError("server already running")
         self._pick_ports()
-        tree = install(Path(self.workdir))
+        tree = Path(self.tree) if self.tree else install(Path(self.workdir))
         command = [str(tree / "bin" / "tritonserver"), *self._args(tree)]
         self.log_file = Path(self.log_file or Path(self.workdir) / "logs" / f"server-{self.http_port}.log")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +208,7 @@ class TritonServer:
         self._proc = subprocess.Popen(
             command,
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_env(),
+            env=self.env or server_env(),
             start_new_session=True,  # Ctrl-C goes to us; we stop the server in order
             preexec_fn=_die_with_parent,
         )

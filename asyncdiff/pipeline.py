@@ -14,11 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asyncdiff.contract import Request, token_limit_message
+from asyncdiff.contract import INPUT_BY_FIELD, Request, token_limit_message
 from asyncdiff.generation import Generation, cfg_batch
 
 
-def token_ids(tokenizer, prompt: str, name: str = "PROMPT") -> np.ndarray:
+def cfg_token_ids(tokenizer, req: Request) -> np.ndarray:
+    """[negative; prompt] token ids [2, max_length], the classifier-free guidance pair."""
+    return np.concatenate([token_ids(tokenizer, getattr(req, f), INPUT_BY_FIELD[f].name)
+                           for f in ("negative_prompt", "prompt")])
+
+
+def token_ids(tokenizer, prompt: str, name: str = INPUT_BY_FIELD["prompt"].name) -> np.ndarray:
     """Padded token ids [1, max_length]; a prompt over the limit is rejected, not truncated.
 
     One tokenizer run: unpadded, counted, then padded here.
@@ -83,8 +89,7 @@ class AsyncDiffPipeline:
     @torch.no_grad()
     def encode_text(self, prompt: str, negative_prompt: str) -> torch.Tensor:
         """[uncond; cond] text states, batch 2."""
-        ids = np.concatenate([token_ids(self.sd.tokenizer, p, name) for p, name in (
-            (negative_prompt, "NEGATIVE_PROMPT"), (prompt, "PROMPT"))])
+        ids = cfg_token_ids(self.sd.tokenizer, Request(prompt, negative_prompt))
         return self.sd.text_encoder(torch.from_numpy(ids))[0]
 
     def generation(self, reqs: Request | Sequence[Request], time_shift: bool = False) -> Generation:

@@ -1,6 +1,6 @@
 """AsyncDiff fidelity on the tiny digits model: how far do async images drift from sequential ones?
 
-    python -m benchmarks.fidelity [--quick] [--pairs 200] [--steps 25] [--guidance 3.0]
+    python -m benchmarks.fidelity [--quick] [--pairs 200] [--steps 25] [--guidance-scale 3.0]
                                   [--json benchmarks/results/fidelity.json]
                                   [--plot docs/img/fidelity.png]
 
@@ -278,7 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"{QUICK_PAIRS} pairs and configs {[label(*c) for c in QUICK_CONFIGS]}")
     p.add_argument("--pairs", type=int, default=None, help="prompt/seed pairs (default 200)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps T")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt/seed pair set")
     p.add_argument("--configs", default=None,
                    help="comma list like 1:1:1,2:1:1 (N:S:w) overriding the sweep")
@@ -309,13 +309,13 @@ def run(args, log=log_line) -> dict:
     sd, digest = load_pipeline(), model_digest()
     pairs = make_pairs(args.pairs, args.seed)
     t0 = time.perf_counter()
-    result = evaluate(sd, pairs, args.configs, args.steps, args.guidance, args.batch, log)
+    result = evaluate(sd, pairs, args.configs, args.steps, args.guidance_scale, args.batch, log)
     result.update({
         "command": "python -m benchmarks.fidelity " + " ".join(args.argv),
         "machine": machine_info(),
         "model_unet_sha256_16": digest,
         "settings": {"pairs": len(pairs), "pair_seed": args.seed, "steps": args.steps,
-                     "guidance": args.guidance, "scheduler": "ddim", "batch": args.batch,
+                     "guidance": args.guidance_scale, "scheduler": "ddim", "batch": args.batch,
                      "psnr_cap_db": PSNR_CAP_DB, "ssim_window": SSIM_WINDOW,
                      "ssim_sigma": SSIM_SIGMA, "quick": args.quick},
         "pairs": [p.__dict__ for p in pairs],

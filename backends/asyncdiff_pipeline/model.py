@@ -33,7 +33,7 @@ from asyncdiff.contract import PipelineParams, Request
 from asyncdiff.generation import Generation, latent_input
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
-from asyncdiff.pipeline import to_uint8_image, token_ids
+from asyncdiff.pipeline import cfg_token_ids, to_uint8_image
 
 TEXT_STATES = "encoder_hidden_states"  # the components' name of the text encoder's output
 HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
@@ -86,8 +86,7 @@ class TritonPythonModel:
     async def _respond(self, request):
         try:  # only parsing and validation are the client's to fix
             req = Request.from_inputs(lambda name: _input(request, name), self.params.defaults)
-            ids = np.concatenate([token_ids(self.tokenizer, text, name) for text, name in (
-                (req.negative_prompt, "NEGATIVE_PROMPT"), (req.prompt, "PROMPT"))])
+            ids = cfg_token_ids(self.tokenizer, req)
         except ValueError as exc:
             return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
         try:

@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from asyncdiff.contract import MODEL_NAME
 from asyncdiff.partition import Partition
+from asyncdiff.placement import Placement
 from export import cli
 from export import repository as repo_mod
 from export import tensorrt as trt_mod
@@ -95,6 +96,12 @@ def test_dynamic_batch_configs_are_pinned_and_have_no_cuda_graphs(fp16_repo):
     assert pipeline.device == "cuda:4"  # the BLS beside component 0
     assert pipeline.dtypes["sample"] == "float16" and pipeline.dtypes["latents"] == "float32"
     assert configs[MODEL_NAME].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    # Preferred memory per call, as the BLS derives it from these parameters: component 0's
+    # outputs on component 1's GPU, the noise prediction and text/VAE outputs on the pipeline's.
+    part = Partition.load(fp16_repo / MODEL_NAME / "1" / "partition.json")
+    place = Placement(part.num_components, part.stride, part.batched_stride, pipeline.gpus)
+    assert pipeline.gpus == (4, 5)
+    assert place.output_gpus(part.components) == (5, 4) and place.output_gpu() == 4
 
 
 def test_static_plans_get_cuda_graphs(static_repo):

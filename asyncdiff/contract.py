@@ -31,6 +31,10 @@ MODEL_NAME = "asyncdiff"
 PIPELINE_BACKEND = "asyncdiff_pipeline"
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE_SCALE = 100.0  # far above any useful scale; 3e38 overflowed to NaN latents
+# Checked on the raw bytes, before decoding or tokenizing: a prompt within the token limit is
+# at most a few hundred bytes, and a 16 MiB one used to block the server while it was tokenized.
+MAX_TEXT_BYTES = 4096
 SCHEDULERS = ("ddim", "euler", "dpmsolver++")
 
 # Triton wire dtype (tritonclient's names) -> numpy dtype
@@ -48,6 +52,7 @@ class IOField:
     field: str | None = None  # the Request attribute an input fills
     required: bool = False
     allowed: str = ""  # human text of the allowed values, used in errors and docs
+    max_bytes: int | None = None  # BYTES inputs: limit on the encoded value
 
     @property
     def numpy_dtype(self):
@@ -60,6 +65,9 @@ class IOField:
             raise ValueError(f"{self.name} must hold exactly one element, got shape {list(array.shape)}")
         value = array.reshape(-1)[0]
         if self.dtype == "BYTES":
+            size = len(value) if isinstance(value, bytes) else len(str(value).encode("utf-8"))
+            if self.max_bytes is not None and size > self.max_bytes:
+                raise ValueError(f"{self.name} is {size} bytes; the limit is {self.max_bytes} bytes")
             if isinstance(value, bytes):
                 try:
                     return value.decode("utf-8")
@@ -79,13 +87,15 @@ class IOField:
 
 INPUTS: tuple[IOField, ...] = (
     IOField("PROMPT", "BYTES", (1,), "prompt", True,
-            "non-empty UTF-8, at most the text encoder's token limit incl. start/end"),
-    IOField("NEGATIVE_PROMPT", "BYTES", (1,), "negative_prompt", allowed="UTF-8, may be empty"),
+            f"non-empty UTF-8, at most {MAX_TEXT_BYTES} bytes and the text encoder's token limit "
+            "incl. start/end", MAX_TEXT_BYTES),
+    IOField("NEGATIVE_PROMPT", "BYTES", (1,), "negative_prompt",
+            allowed=f"UTF-8, may be empty, at most {MAX_TEXT_BYTES} bytes", max_bytes=MAX_TEXT_BYTES),
     IOField("SEED", "INT64", (1,), "seed", allowed=f"0 ... {MAX_SEED}"),
     IOField("STEPS", "INT32", (1,), "steps", allowed=f"1 ... {MAX_STEPS}"),
-    IOField("GUIDANCE_SCALE", "FP32", (1,), "guidance_scale", allowed="finite, >= 0"),
+    IOField("GUIDANCE_SCALE", "FP32", (1,), "guidance_scale", allowed=f"0 ... {MAX_GUIDANCE_SCALE:g}"),
     IOField("WARMUP", "INT32", (1,), "warmup", allowed="1 ... STEPS-1 (1 when STEPS = 1)"),
-    IOField("SCHEDULER", "BYTES", (1,), "scheduler", allowed=" | ".join(SCHEDULERS)),
+    IOField("SCHEDULER", "BYTES", (1,), "scheduler", allowed=" | ".join(SCHEDULERS), max_bytes=64),
 )
 OUTPUTS: tuple[IOField, ...] = (
     IOField("IMAGE", "UINT8", (-1, -1, 3), allowed="[H, W, 3]"),
@@ -113,6 +123,10 @@ class Request:
             raise ValueError("PROMPT must be a non-empty UTF-8 string")
         if not isinstance(self.negative_prompt, str):
             raise ValueError("NEGATIVE_PROMPT must be a UTF-8 string")
+        for f in ("prompt", "negative_prompt"):
+            size, field_ = len(getattr(self, f).encode("utf-8")), INPUT_BY_FIELD[f]
+            if size > field_.max_bytes:
+                raise ValueError(f"{field_.name} is {size} bytes; the limit is {field_.max_bytes} bytes")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"SEED must be in [0, {MAX_SEED}], got {self.seed}")
         if not 1 <= self.steps <= MAX_STEPS:
@@ -120,8 +134,9 @@ class Request:
         top = max(1, self.steps - 1)
         if not 1 <= self.warmup <= top:
             raise ValueError(f"WARMUP must be in [1, {top}] (1 <= WARMUP < STEPS), got {self.warmup}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"GUIDANCE_SCALE must be a finite number >= 0, got {self.guidance_scale}")
+        if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE):
+            raise ValueError(f"GUIDANCE_SCALE must be a finite number in [0, {MAX_GUIDANCE_SCALE:g}], "
+                             f"got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         return self

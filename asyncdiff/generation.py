@@ -203,6 +203,8 @@ class Generation:
         self.model_input(step)  # diffusers expects scale_model_input before step()
         t = self.scheduler.timesteps[step]
         self.latents = self.scheduler.step(self._guide(eps), t, self.latents).prev_sample
+        if not torch.isfinite(self.latents).all():  # an overflow would only end in a black image
+            raise FloatingPointError(f"the latents are not finite after step {step} of {self.steps}")
 
     # -- whole generation ----------------------------------------------------
     def run(self, execute: Callable[[list[ComponentCall]], Sequence[Mapping[str, Any]]]) -> torch.Tensor:

@@ -98,6 +98,10 @@ def test_request_from_inputs_applies_defaults_and_values():
     ({"SEED": np.array([-1], np.int64)}, "SEED must be in \\[0, "),
     ({"GUIDANCE_SCALE": np.array([np.nan], np.float32)}, "GUIDANCE_SCALE must be a finite number"),
     ({"SCHEDULER": np.array([b"pndm"], object)}, "SCHEDULER must be one of"),
+    ({"GUIDANCE_SCALE": np.array([3e38], np.float32)},
+     r"GUIDANCE_SCALE must be a finite number in \[0, 100\]"),
+    ({"PROMPT": np.array([b"7" * 4097], object)}, "PROMPT is 4097 bytes; the limit is 4096 bytes"),
+    ({"NEGATIVE_PROMPT": np.array([b"x" * 5000], object)}, "NEGATIVE_PROMPT is 5000 bytes"),
 ])
 def test_request_errors_name_the_field_and_range(inputs, message):
     arrays = {"PROMPT": np.array([b"a seven"], object), **inputs}  # None: not sent

@@ -164,3 +164,22 @@ def test_fp16_components_leave_the_scheduler_in_fp32(sd, scheduler):
     assert set(dtypes) == {torch.float32} and latents.dtype == torch.float32
     # only the fp16 rounding of the noise prediction differs (measured 4.3e-3 and 2.5e-3)
     assert 0 < (latents - fp32).abs().max().item() <= 2e-2
+
+
+def test_non_finite_latents_stop_the_generation(sd):
+    """An overflowing step is an error at that step, not a black image at the end."""
+    pipe = AsyncDiffPipeline(sd, components=2)
+    gen = pipe.generation(Request("digit 1", seed=1, steps=6))
+    calls = []
+
+    def overflow_at_step_2(wave):
+        outs = pipe.runner.run_wave(wave)
+        calls.append(wave[0].step)
+        if wave[0].step == 2:
+            outs = [{n: torch.full_like(v, float("inf")) if n == "noise_pred" else v
+                     for n, v in out.items()} for out in outs]
+        return outs
+
+    with pytest.raises(FloatingPointError, match="not finite after step 2 of 6"):
+        gen.run(overflow_at_step_2)
+    assert max(calls) == 2  # nothing ran after the bad step

@@ -106,7 +106,10 @@ def test_concurrent_requests_keep_their_own_state(server):
         (dict(SCHEDULER="pndm"), "SCHEDULER must be one of"),
         (dict(GUIDANCE_SCALE=float("nan")), "GUIDANCE_SCALE must be a finite"),
         (dict(GUIDANCE_SCALE=float("inf")), "GUIDANCE_SCALE must be a finite"),
-        (dict(GUIDANCE_SCALE=-1.0), "GUIDANCE_SCALE must be a finite number >= 0"),
+        (dict(GUIDANCE_SCALE=-1.0), r"GUIDANCE_SCALE must be a finite number in \[0, 100\]"),
+        (dict(GUIDANCE_SCALE=3e38), r"GUIDANCE_SCALE must be a finite number in \[0, 100\]"),
+        (dict(prompt="7" * (1 << 20)), "PROMPT is 1048576 bytes; the limit is 4096 bytes"),
+        (dict(NEGATIVE_PROMPT="seven " * 80), "NEGATIVE_PROMPT is .* tokens"),
         (dict(SEED=-1), "SEED must be in"),
     ],
 )

@@ -110,8 +110,18 @@ class TritonPythonModel:
 
     # -- model calls ---------------------------------------------------------
     async def _wave(self, calls):
-        return await asyncio.gather(*(self._infer(c.model, list(c.inputs.values()), c.output_names,
-                                                  self.memory[c.model]) for c in calls))
+        # Tensors are shared between calls (the text states by every call, a timestep by the calls
+        # of one timestep). Two calls of one model in a wave (the stride pair) can be batched into
+        # one execution, and one Tensor object twice in a batch arrives corrupted ("input byte
+        # size mismatch"), so the second call of a model gets its own copies.
+        sent: dict[str, set[int]] = {}
+        requests = []
+        for c in calls:
+            seen = sent.setdefault(c.model, set())
+            tensors = [_copy(t) if id(t) in seen else t for t in c.inputs.values()]
+            seen.update(id(t) for t in tensors)
+            requests.append(self._infer(c.model, tensors, c.output_names, self.memory[c.model]))
+        return await asyncio.gather(*requests)
 
     async def _encode(self, ids: np.ndarray):
         """[uncond; cond] text states as the components' input tensor."""
@@ -179,6 +189,14 @@ def _error(message, code):
 def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def _copy(tensor):
+    """A new Tensor object with its own copy of the data, on the same device."""
+    if tensor.is_cpu():
+        return pb_utils.Tensor(tensor.name(), np.array(tensor.as_numpy()))
+    data = torch.from_dlpack(tensor.to_dlpack()).clone()
+    return pb_utils.Tensor.from_dlpack(tensor.name(), torch.utils.dlpack.to_dlpack(data))
 
 
 def _to_torch(tensor, device):

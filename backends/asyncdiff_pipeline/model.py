@@ -105,21 +105,21 @@ class TritonPythonModel:
         text = await self._encode(ids)
         gen = Generation(self.partition, [req], {TEXT_STATES: text}, self.scheduler_config,
                          device=self.device, to_executor=self._to_triton, from_executor=self._noise_pred)
-        latents = await gen.run_async(self._wave)
+        sent: set[int] = set()
+        latents = await gen.run_async(lambda calls: self._wave(calls, sent))
         return await self._decode(latents), latents
 
     # -- model calls ---------------------------------------------------------
-    async def _wave(self, calls):
-        # Tensors are shared between calls (the text states by every call, a timestep by the calls
-        # of one timestep). Two calls of one model in a wave (the stride pair) can be batched into
-        # one execution, and one Tensor object twice in a batch arrives corrupted ("input byte
-        # size mismatch"), so the second call of a model gets its own copies.
-        sent: dict[str, set[int]] = {}
+    async def _wave(self, calls, sent: set[int]):
+        # Tensors are shared between calls (the text states by every call, a timestep by the
+        # calls of one timestep, a skip by two readers). One Tensor object in two requests is
+        # not safe: two calls of one model batched together got it corrupted ("input byte size
+        # mismatch"). So every request gets Tensor objects no earlier request of this
+        # generation was given; a repeat is copied (small: timesteps, text states, skips).
         requests = []
         for c in calls:
-            seen = sent.setdefault(c.model, set())
-            tensors = [_copy(t) if id(t) in seen else t for t in c.inputs.values()]
-            seen.update(id(t) for t in tensors)
+            tensors = [_copy(t) if id(t) in sent else t for t in c.inputs.values()]
+            sent.update(id(t) for t in tensors)
             requests.append(self._infer(c.model, tensors, c.output_names, self.memory[c.model]))
         return await asyncio.gather(*requests)
 

@@ -33,15 +33,22 @@ class Component(nn.Module):
         needs_temb = any(s.needs_temb for s in self.stages)
         self.time_embedding = graph.time_embedding if needs_temb else None
         self.final = graph.stages[-1].name  # its output is the noise prediction
+        # The outer ring's front: its stages before the gap in stage order (all when none).
+        idx = [graph.index(n) for n in spec.stages]
+        self.front = next((j for j in range(1, len(idx)) if idx[j] != idx[j - 1] + 1), len(idx))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env = run_stages(self.stages, self.time_embedding, dict(zip(self.input_names, inputs)))
         return tuple(env[self.final if n == NOISE_PRED else n] for n in self.output_names)
 
-    def run(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Named-in, named-out convenience for executors."""
-        outs = self(*(tensors[n] for n in self.input_names))
-        return dict(zip(self.output_names, outs))
+    def run(self, tensors: dict[str, torch.Tensor], section: str = "all") -> dict[str, torch.Tensor]:
+        """Named-in, named-out convenience for executors. ``section="front"``: only the outer
+        ring's front stages, and only the outputs they produce."""
+        if section != "front":
+            outs = self(*(tensors[n] for n in self.input_names))
+            return dict(zip(self.output_names, outs))
+        env = run_stages(self.stages[:self.front], self.time_embedding, dict(tensors))
+        return {n: env[n] for n in self.output_names if n != NOISE_PRED}
 
 
 def build_components(unet_or_graph, partition: Partition) -> list[Component]:

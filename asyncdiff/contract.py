@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-MODEL_NAME = "asyncdiff"
-PIPELINE_BACKEND = "asyncdiff_pipeline"
+MODEL_NAME = "asyncdiff"  # unary: plain HTTP / gRPC infer, perf_analyzer
+STREAM_MODEL_NAME = "asyncdiff_stream"  # decoupled: per-step progress, then the image
+PIPELINE_BACKEND = "asyncdiff_pipeline"  # the engine, behind STREAM_MODEL_NAME
+UNARY_BACKEND = "asyncdiff_unary"  # MODEL_NAME: forwards one request to the engine
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 100.0  # far above any useful scale; 3e38 overflowed to NaN latents
@@ -101,6 +103,17 @@ OUTPUTS: tuple[IOField, ...] = (
     IOField("IMAGE", "UINT8", (-1, -1, 3), allowed="[H, W, 3]"),
     IOField("LATENTS", "FP32", (-1, -1, -1), allowed="[C, h, w] final latents, before the VAE"),
 )
+# The stream model takes every input above plus these, and answers with progress responses
+# (STEP, and PREVIEW when asked) before the final one (IMAGE, LATENTS, STEP).
+PREVIEW_EVERY = IOField("PREVIEW_EVERY", "INT32", (1,),
+                        allowed="0 (no previews) ... STEPS: a preview image every k steps")
+STREAM_INPUTS = INPUTS + (PREVIEW_EVERY,)
+STEP = IOField("STEP", "INT32", (2,), allowed="[steps done, steps in all]")
+PREVIEW = IOField("PREVIEW", "UINT8", (-1, -1, 3), allowed="[H, W, 3] the current denoised estimate")
+# To a forwarding BLS (request parameter ``error_output``) an error comes as this output:
+# Triton 2.51 does not deliver an error response that follows a progress response to a BLS.
+ERROR = IOField("ERROR", "BYTES", (1,), allowed="the error message (forwarded requests only)")
+STREAM_OUTPUTS = OUTPUTS + (STEP, PREVIEW, ERROR)
 INPUT_BY_NAME = {f.name: f for f in INPUTS}
 INPUT_BY_FIELD = {f.field: f for f in INPUTS}
 
@@ -176,6 +189,24 @@ def add_request_arguments(parser: argparse.ArgumentParser, defaults: Request | N
                             + ("" if defaults is None else " (default: %(default)r)"))
 
 
+BUSY_MESSAGE = "server busy"
+CANCELLED_MESSAGE = "cancelled"
+
+
+def error_kind(message: str) -> str:
+    """The status of a pipeline error, from its message: INVALID_ARG when it names an input
+    (every request error starts with the input's name), UNAVAILABLE when busy, CANCELLED,
+    else INTERNAL. Needed because a BLS caller of a decoupled model gets every error as
+    INTERNAL (Triton 2.51), so the unary model restores the engine's status from this."""
+    if message.split(" ", 1)[0] in {f.name for f in STREAM_INPUTS}:
+        return "INVALID_ARG"
+    if message.startswith(BUSY_MESSAGE):
+        return "UNAVAILABLE"
+    if message.startswith(CANCELLED_MESSAGE):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
 def token_limit_message(name: str, tokens: int, limit: int) -> str:
     return f"{name} is {tokens} tokens including start/end; the limit is {limit}: shorten it"
 
@@ -228,6 +259,23 @@ class PipelineParams:
     # partition's N, S and batched stride it rebuilds the placement that says where each
     # call's outputs are consumed.
     gpus: tuple[int, ...] | None = None
+    # Requests whose component calls go out together as one batched call (continuous
+    # batching at step granularity); the components' max batch holds their rows.
+    max_batch_requests: int = 1
+    # Requests that may wait for a batch slot; beyond that a request is refused as busy.
+    max_queue_size: int = 16
+    # max_batch_size of every model the pipeline calls: a batched call is split to fit.
+    max_batch_sizes: Mapping[str, int] = field(default_factory=dict)
+    # -- SDXL (asyncdiff.conditioning); an SD deployment leaves these at their defaults --------
+    # "sd": text_encoder -> encoder_hidden_states. "sdxl": text_encoder and text_encoder_2 give
+    # penultimate hidden states (concatenated on the last dim), text_encoder_2 also the pooled
+    # text_embeds; time_ids from the size conditioning.
+    conditioning: str = "sd"
+    text_encoder_2: NetworkNames = NetworkNames("text_encoder_2", "input_ids",
+                                                "penultimate_hidden_state")
+    text_encoder_2_pooled: str = "text_embeds"  # text_encoder_2's second output
+    tokenizer_2_dir: str = "tokenizer_2"
+    force_zeros_for_empty_prompt: bool = False  # empty NEGATIVE_PROMPT -> zero negative embeddings
 
     def to_parameters(self) -> dict[str, str]:
         """Flat string parameters for ``config.pbtxt`` (JSON values, plain strings as is)."""

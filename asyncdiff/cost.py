@@ -11,6 +11,10 @@ AsyncDiff run is replayed step by step on the placement:
   doubled batch counts the component twice) plus ``transfer_cost``, the
   critical per-round communication;
 * communication-only step (S=2): free.
+* outer ring (the paper's SDXL layout): a warm-up step also runs the ring's front
+  call before component 0, charged ``front_costs[k]`` (default: the whole ring, what
+  an executor with one model per component pays by running the ring on
+  placeholders; the torch runners run only the front stages).
 
     speedup = T * denoiser_cost / sum(step costs)
 
@@ -56,8 +60,10 @@ def balanced(n: int, batched_stride: bool = False) -> list[float]:
 
 
 def project(plan: Plan, placement: Placement, component_costs: Sequence[float],
-            transfer_cost: float = 0.0, denoiser_cost: float | None = None) -> Projection:
-    """Replay ``plan`` on ``placement`` with per-component and per-round transfer costs."""
+            transfer_cost: float = 0.0, denoiser_cost: float | None = None,
+            front_costs: Sequence[float] | None = None) -> Projection:
+    """Replay ``plan`` on ``placement`` with per-component and per-round transfer costs
+    (``front_costs``: the outer ring's front call, per component; default the whole one)."""
     if len(component_costs) != plan.components or placement.components != plan.components:
         raise ValueError(f"plan has {plan.components} components, placement "
                          f"{placement.components}, costs {len(component_costs)}")
@@ -69,7 +75,9 @@ def project(plan: Plan, placement: Placement, component_costs: Sequence[float],
         if step.mode == "warmup":
             warm += 1
             cuts = plan.components - 1
-            total += full + (transfer_cost if cuts else 0.0)
+            front = component_costs if front_costs is None else front_costs
+            fronts = sum(front[c.component] for c in step.calls if c.section == "front")
+            total += full + fronts + (transfer_cost if cuts else 0.0)
         elif step.mode == "compute":
             rounds += 1
             load: dict[int, float] = {}

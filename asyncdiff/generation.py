@@ -82,11 +82,20 @@ class ComponentCall:
     inputs: dict[str, Any]
     output_names: list[str]
     split: int | None = None
+    # Outer-ring warm-up: "front" (only the ring's first stages matter: its other inputs are
+    # zeros and its noise prediction is not one; an executor may skip the back) or "back".
+    section: str = "all"
 
 
 def latent_input(partition: Partition):
-    """The TensorSpec of the latent a partition's first component takes ([batch, C, h, w])."""
+    """The TensorSpec of the latent a partition takes ([batch, C, h, w]): component 0's, or the
+    ring's (N-1) with the outer-ring layout."""
     return next(t for c in partition.components for t in c.inputs if t.role == "latent")
+
+
+def latent_component(partition: Partition) -> int:
+    return next(c.index for c in partition.components
+                if any(t.role == "latent" for t in c.inputs))
 
 
 class Generation:
@@ -123,8 +132,9 @@ class Generation:
         self.from_executor = from_executor or (lambda value: value)
         latent = latent_input(partition)
         self.latent_name, self.latent_shape = latent.name, tuple(latent.shape[1:])  # [C, h, w]
+        self.latent_component = latent_component(partition)
         self.plan = make_plan(first.steps, partition.num_components, partition.stride,
-                              first.warmup, time_shift)
+                              first.warmup, time_shift, ring=partition.layout == "outer_ring")
         self.cache = ActivationCache(partition, self.plan)
         self.scheduler = self.latents = None
         if scheduler_config is not None:
@@ -145,6 +155,7 @@ class Generation:
                 value = self.to_executor(name, value)
             self.conditioning[name] = value
         self._timestep: dict[tuple[str, int], Any] = {}
+        self._zeros: dict[str, Any] = {}
         self._input_step, self._input, self._sample = -1, None, None
 
     @property
@@ -173,7 +184,7 @@ class Generation:
         ``sample``: the latent batch as received from elsewhere (executor value);
         default: this generation's own model input.
         """
-        if sample is None and any(c.component == 0 for _, c in wave):
+        if sample is None and any(c.component == self.latent_component for _, c in wave):
             sample = self._own_sample(step)
         out = [self._call(step, pos, call, sample) for pos, call in wave]
         if self.batched_stride and len(out) > 1 and out[-1].component == out[-2].component:
@@ -246,6 +257,8 @@ class Generation:
         for t in spec.inputs:
             if t.name in cached:
                 inputs[t.name] = cached[t.name]
+            elif call.section == "front" and t.producer is not None:
+                inputs[t.name] = self._placeholder(t)
             elif t.role == "timestep":
                 inputs[t.name] = self._timestep_value(t.name, call.timestep_index)
             elif t.name in self.conditioning:
@@ -253,7 +266,19 @@ class Generation:
             else:
                 raise ValueError(f"{spec.name} needs conditioning {t.name!r} ({t.role}); "
                                  f"given: {sorted(self.conditioning)}")
-        return ComponentCall(step, (pos,), call.component, spec.name, inputs, spec.output_names)
+        # A front call keeps every output name (calls to one model then batch alike); its
+        # noise_pred is not a prediction and the cache drops it.
+        return ComponentCall(step, (pos,), call.component, spec.name, inputs,
+                             spec.output_names, section=call.section)
+
+    def _placeholder(self, spec):
+        """Zeros for an input of the ring's back stages during its front call (one model per
+        component: an executor that cannot skip the back runs it on these and drops it)."""
+        if spec.name not in self._zeros:
+            shape = (2 * self.batch, *spec.shape[1:])
+            zeros = torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=self.device)
+            self._zeros[spec.name] = self.to_executor(spec.name, zeros)
+        return self._zeros[spec.name]
 
     def _guide(self, eps: torch.Tensor) -> torch.Tensor:
         scales = [r.guidance_scale for r in self.requests]
@@ -263,7 +288,7 @@ class Generation:
         return guide(eps, scale.reshape(-1, *[1] * (eps.dim() - 1)))
 
 
-def _merge(a: ComponentCall, b: ComponentCall) -> ComponentCall:
+def _merge(a: ComponentCall, b: ComponentCall) -> ComponentCall:  # never a ring warm-up call
     """The stride pair of the last component as one call on a doubled batch (torch values)."""
     inputs = {n: torch.cat([a.inputs[n], b.inputs[n]]) for n in a.inputs}
     split = a.inputs[next(iter(a.inputs))].shape[0]

@@ -6,7 +6,9 @@ component cost (exact dynamic programme).  Options:
 
 * ``layout="outer_ring"``: the paper's SDXL layout -- the last component holds
   the first and the last stages (the high-resolution ring), the others split
-  the deep middle sequentially.
+  the deep middle sequentially.  Executable: its plan (``make_plan(ring=True)``)
+  runs the ring's front before component 0 in warm-up; ``ring_balance`` compares
+  it with the sequential cut of the same stages.
 * ``batched_stride=True`` (stride 2 on N devices): the last component runs
   both timesteps of a round on its device, so it is balanced at twice its cost.
 
@@ -398,7 +400,8 @@ def projection(part: Partition, steps: int = 50, warmup: int = 1):
     from asyncdiff.placement import Placement
     from asyncdiff.schedule import make_plan
 
-    plan = make_plan(steps, part.num_components, part.stride, warmup)
+    plan = make_plan(steps, part.num_components, part.stride, warmup,
+                     ring=part.layout == "outer_ring")
     place = Placement(part.num_components, part.stride, part.batched_stride)
     return project(plan, place, [c.cost for c in part.components])
 
@@ -427,6 +430,8 @@ def describe(part: Partition, steps: int = 50, warmup: int = 1) -> str:
                 )
     ideal = max(part.cost_share(k) for k in range(part.num_components))
     proj = projection(part, steps, warmup)
+    if part.layout == "outer_ring":
+        lines.append(ring_balance(part, steps, warmup))
     lines.append(
         f"\nlargest component {100 * ideal:.1f}% of the denoiser; "
         f"cross-cut traffic per round {part.cross_bytes() / 1e6:.3f} MB fp32"
@@ -435,6 +440,32 @@ def describe(part: Partition, steps: int = 50, warmup: int = 1) -> str:
         f"{part.cost_metric} shares and free communication (asyncdiff.cost)"
     )
     return "\n".join(lines)
+
+
+def sequential_counterpart(part: Partition) -> Partition:
+    """The balanced sequential cut of the same stages, costs and options."""
+    weight = 2.0 if (part.stride == 2 and part.batched_stride) else 1.0
+    assignment = assign_sequential(part.stage_costs, part.num_components, weight)
+    out = Partition(part.model, part.num_components, part.stride, "sequential",
+                    part.batched_stride, part.batch, part.latent_height, part.latent_width,
+                    part.cost_metric, part.stage_names, part.stage_costs, part.skips)
+    for k, idx in enumerate(assignment):
+        stages = [part.stage_names[i] for i in idx]
+        out.components.append(ComponentSpec(k, stages, sum(part.stage_costs[i] for i in idx),
+                                            [], []))
+    return out
+
+
+def ring_balance(part: Partition, steps: int = 50, warmup: int = 1) -> str:
+    """The outer ring's balance beside the balanced sequential cut of the same stages."""
+    seq = sequential_counterpart(part)
+    shares = lambda p: [100 * p.cost_share(k) for k in range(p.num_components)]  # noqa: E731
+    fmt = lambda xs: "/".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    return (f"\nouter ring vs sequential cut: largest component {max(shares(part)):.1f}% vs "
+            f"{max(shares(seq)):.1f}% (shares {fmt(shares(part))} vs {fmt(shares(seq))}, "
+            f"sequential cuts {','.join(seq.cuts)}); projected "
+            f"{projection(part, steps, warmup).speedup:.2f}x vs "
+            f"{projection(seq, steps, warmup).speedup:.2f}x for T={steps} w={warmup}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,7 +482,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(outer_ring: where the middle starts, ..., where the ring resumes)")
     p.add_argument("--stride", type=int, default=1, choices=(1, 2))
     p.add_argument("--batched-stride", action="store_true", help="S=2 on N devices (balance last x2)")
-    p.add_argument("--layout", default="sequential", choices=LAYOUTS)
+    p.add_argument("--layout", default="sequential", choices=(*LAYOUTS, "outer-ring"),
+                   help="outer-ring (= outer_ring): component N-1 holds the first and the last "
+                   "stages, the paper's SDXL split")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--batch", type=int, help="denoiser batch (default: one prompt, i.e. 2 with "
@@ -471,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         w = a.width // source.vae_scale if a.width else size
         part = partition_denoiser(
             unet, a.components, model=a.model, batch=a.batch or default_batch(unet.config),
-            height=h, width=w, metric=a.cost, stride=a.stride, layout=a.layout,
+            height=h, width=w, metric=a.cost, stride=a.stride, layout=a.layout.replace("-", "_"),
             batched_stride=a.batched_stride, cuts=a.cuts,
         )
         text = describe(part, a.steps, a.warmup)

@@ -2,8 +2,9 @@
 
 The request contract (``Request``, limits, schedulers) is ``asyncdiff.contract``;
 the generation loop (scheduler, plan, cache, latents, guidance) is
-``asyncdiff.generation``.  This module adds what a text-to-image front end
-needs around them: tokenisation, image conversion and the diffusers wrapper.
+``asyncdiff.generation``; tokenisation and the text conditioning (SD and SDXL)
+are ``asyncdiff.conditioning``.  This module adds image conversion and the
+diffusers wrapper.
 """
 
 from __future__ import annotations
@@ -14,27 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asyncdiff.contract import INPUT_BY_FIELD, Request, token_limit_message
+from asyncdiff.conditioning import (  # noqa: F401  (cfg_token_ids, token_ids: the BLS's imports)
+    SD, SDXL, SizeConditioning, cfg_token_ids, conditioning_kind, encode_request, token_ids,
+)
+from asyncdiff.contract import Request
 from asyncdiff.generation import Generation, cfg_batch
-
-
-def cfg_token_ids(tokenizer, req: Request) -> np.ndarray:
-    """[negative; prompt] token ids [2, max_length], the classifier-free guidance pair."""
-    return np.concatenate([token_ids(tokenizer, getattr(req, f), INPUT_BY_FIELD[f].name)
-                           for f in ("negative_prompt", "prompt")])
-
-
-def token_ids(tokenizer, prompt: str, name: str = INPUT_BY_FIELD["prompt"].name) -> np.ndarray:
-    """Padded token ids [1, max_length]; a prompt over the limit is rejected, not truncated.
-
-    One tokenizer run: unpadded, counted, then padded here.
-    """
-    limit = tokenizer.model_max_length
-    ids = tokenizer(prompt).input_ids
-    if len(ids) > limit:
-        raise ValueError(token_limit_message(name, len(ids), limit))
-    pad = tokenizer.pad_token_id
-    return np.asarray([ids + [pad] * (limit - len(ids))], dtype=np.int64)
 
 
 def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
@@ -51,10 +36,12 @@ def to_uint8_image(decoded: torch.Tensor) -> np.ndarray:
 
 
 class AsyncDiffPipeline:
-    """A diffusers Stable Diffusion pipeline whose UNet runs as an AsyncDiff plan in-process.
+    """A diffusers SD or SDXL pipeline whose UNet runs as an AsyncDiff plan in-process.
 
     ``cuts``: explicit cut points (stage names) instead of the balanced split;
-    ``components`` then defaults to what they make (otherwise to 2).
+    ``components`` then defaults to what they make (otherwise to 2).  The conditioning
+    (SD: text states; SDXL: text states, pooled embeddings, time ids) is what the
+    partition's components take (``asyncdiff.conditioning``).
     """
 
     def __init__(self, sd_pipe, components: int | None = None, stride: int = 1, *,
@@ -71,47 +58,72 @@ class AsyncDiffPipeline:
             components = 2
         self.partition = partition_unet(
             sd_pipe.unet, components, model="pipeline", batch=2, height=size, width=size,
-            metric=cost, stride=stride, layout=layout, batched_stride=batched_stride,
-            cuts=None if cuts is None else list(cuts),
+            metric=cost, stride=stride, layout=layout.replace("-", "_"),
+            batched_stride=batched_stride, cuts=None if cuts is None else list(cuts),
         )
+        self.kind = conditioning_kind(self.partition)
+        pixels = size * sd_pipe.vae_scale_factor
+        self.sizes = SizeConditioning.default(pixels, pixels)  # diffusers' SDXL defaults
         self.runner = LocalRunner(build_components(sd_pipe.unet, self.partition))
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "tiny", **kwargs) -> "AsyncDiffPipeline":
-        from diffusers import StableDiffusionPipeline
+        """The tiny model, or a saved SD / SDXL pipeline folder (its model_index.json class)."""
+        from diffusers import DiffusionPipeline
 
         if str(path) == "tiny":
             from asyncdiff.tiny import MODEL_DIR
 
             path = MODEL_DIR
-        return cls(StableDiffusionPipeline.from_pretrained(path).to("cpu"), **kwargs)
+        return cls(DiffusionPipeline.from_pretrained(path).to("cpu"), **kwargs)
+
+    @property
+    def encoders(self) -> list:
+        return [e for e in (self.sd.text_encoder, getattr(self.sd, "text_encoder_2", None))
+                if e is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.sd.tokenizer, getattr(self.sd, "tokenizer_2", None))
+                if t is not None]
+
+    @torch.no_grad()
+    def encode(self, req: Request, sizes: SizeConditioning | None = None) -> dict[str, torch.Tensor]:
+        """The denoiser conditioning of one request, [negative; prompt] (batch 2) each."""
+        force_zeros = bool(getattr(self.sd.config, "force_zeros_for_empty_prompt", False))
+        return encode_request(self.kind, self.encoders, self.tokenizers, req,
+                              sizes=(sizes or self.sizes).validate(),
+                              force_zeros_for_empty_prompt=force_zeros)
 
     @torch.no_grad()
     def encode_text(self, prompt: str, negative_prompt: str) -> torch.Tensor:
         """[uncond; cond] text states, batch 2."""
-        ids = cfg_token_ids(self.sd.tokenizer, Request(prompt, negative_prompt))
-        return self.sd.text_encoder(torch.from_numpy(ids))[0]
+        return self.encode(Request(prompt, negative_prompt))["encoder_hidden_states"]
 
-    def generation(self, reqs: Request | Sequence[Request], time_shift: bool = False) -> Generation:
-        """A validated Generation of one request or a lockstep batch of them."""
+    def generation(self, reqs: Request | Sequence[Request], time_shift: bool = False,
+                   sizes: SizeConditioning | None = None) -> Generation:
+        """A validated Generation of one request or a lockstep batch of them (``sizes``: SDXL's
+        size conditioning, default: diffusers' for this image size)."""
         reqs = [reqs] if isinstance(reqs, Request) else list(reqs)
         for r in reqs:
             r.validate()
-        text = cfg_batch([self.encode_text(r.prompt, r.negative_prompt) for r in reqs])
-        return Generation(self.partition, reqs, {"encoder_hidden_states": text},
-                          self.sd.scheduler.config, time_shift=time_shift,
-                          batched_stride=self.batched_stride)
+        pairs = [self.encode(r, sizes) for r in reqs]
+        conditioning = {name: cfg_batch([p[name] for p in pairs]) for name in pairs[0]}
+        return Generation(self.partition, reqs, conditioning, self.sd.scheduler.config,
+                          time_shift=time_shift, batched_stride=self.batched_stride)
 
     @torch.no_grad()
-    def generate_latents(self, reqs: Request | Sequence[Request], time_shift: bool = False) -> torch.Tensor:
+    def generate_latents(self, reqs: Request | Sequence[Request], time_shift: bool = False,
+                         sizes: SizeConditioning | None = None) -> torch.Tensor:
         """Final latents [B, C, h, w] (B = 1 for a single request)."""
-        return self.runner.generate(self.generation(reqs, time_shift))
+        return self.runner.generate(self.generation(reqs, time_shift, sizes))
 
     @torch.no_grad()
     def decode_images(self, latents: torch.Tensor) -> np.ndarray:
-        """[B, H, W, 3] uint8."""
+        """[B, H, W, 3] uint8 (the VAE in its own dtype; an SDXL VAE is kept fp32 here)."""
         vae = self.sd.vae
-        return to_uint8_images(vae.decode(latents / vae.config.scaling_factor).sample)
+        z = (latents / vae.config.scaling_factor).to(vae.dtype)
+        return to_uint8_images(vae.decode(z).sample.float())
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """The first image, [H, W, 3] uint8."""

@@ -34,6 +34,13 @@ communication-only step that reuses the last warm-up output (computed at
 ``tau_{w-1}``).  Here rounds start at the first asynchronous step ``w``
 (identical for odd ``w``, the paper's values).
 
+Outer ring (``ring=True``, the paper's SDXL layout): component N-1 holds the first
+and the last stages.  A warm-up step runs it twice: its front (``section="front"``)
+before component 0 and the whole ring (``section="back"``, its noise
+prediction) after component N-2.  In a compute round component 0 reads the
+ring's outputs of the previous round, so every call's ``reads_step`` is the
+previous round (the latent is always the step's own).
+
 Time shift (paper App. A, off by default): asynchronous calls use the
 previous step's timestep; with stride 2 the main calls use ``tau_i`` and
 the copy ``tau_{i-1}``.
@@ -61,6 +68,7 @@ class Call:
     component: int
     timestep_index: int
     reads_step: int
+    section: str = "all"  # outer-ring warm-up: "front" (no noise prediction) or "back"
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class Plan:
     warmup: int
     time_shift: bool
     steps: tuple[Step, ...] = field(repr=False)
+    ring: bool = False  # outer-ring layout: component N-1 holds the first and the last stages
 
     def to_json(self) -> dict:
         return {"steps": [_step_json(s) for s in self.steps]}
@@ -112,9 +121,16 @@ def _step_json(step: Step) -> dict:
     return {
         "step": step.step,
         "mode": step.mode,
-        "calls": [asdict(c) for c in step.calls],
+        "calls": [_call_json(c) for c in step.calls],
         "eps": asdict(step.eps),
     }
+
+
+def _call_json(call: Call) -> dict:
+    out = asdict(call)
+    if call.section == "all":  # only outer-ring warm-up calls name a section
+        del out["section"]
+    return out
 
 
 def validate(steps: int, components: int, stride: int, warmup: int) -> None:
@@ -130,39 +146,47 @@ def validate(steps: int, components: int, stride: int, warmup: int) -> None:
 
 
 def make_plan(
-    steps: int, components: int, stride: int = 1, warmup: int = 1, time_shift: bool = False
+    steps: int, components: int, stride: int = 1, warmup: int = 1, time_shift: bool = False,
+    ring: bool = False,
 ) -> Plan:
-    """Build the exact per-step plan for (T, N, S, w, time_shift)."""
+    """Build the exact per-step plan for (T, N, S, w, time_shift); ``ring``: the outer-ring
+    layout (component N-1 holds the first and the last stages)."""
     validate(steps, components, stride, warmup)
-    out: list[Step] = [_warmup_step(i, components) for i in range(warmup)]
+    if ring and components < 2:
+        raise ValueError(f"the outer ring needs components >= 2, got {components}")
+    out: list[Step] = [_warmup_step(i, components, ring) for i in range(warmup)]
     if components == 1:
         # One component has nothing to overlap: every step is sequential.
         out += [_warmup_step(i, components) for i in range(warmup, steps)]
     elif stride == 1:
-        out += [_stride1_step(i, components, time_shift) for i in range(warmup, steps)]
+        out += [_stride1_step(i, components, time_shift, ring) for i in range(warmup, steps)]
     else:
-        out += _stride2_steps(steps, components, warmup, time_shift)
-    return Plan(steps, components, stride, warmup, time_shift, tuple(out))
+        out += _stride2_steps(steps, components, warmup, time_shift, ring)
+    return Plan(steps, components, stride, warmup, time_shift, tuple(out), ring)
 
 
-def _warmup_step(i: int, n: int) -> Step:
-    calls = tuple(Call(k, i, i) for k in range(n))
+def _warmup_step(i: int, n: int, ring: bool = False) -> Step:
+    calls = tuple(Call(k, i, i) for k in range(n - 1 if ring else n))
+    if ring:  # the ring's front feeds component 0; the whole ring runs last, after N-2
+        calls = (Call(n - 1, i, i, "front"), *calls, Call(n - 1, i, i, "back"))
     return Step(i, "warmup", calls, EpsSource(n - 1, i, i))
 
 
-def _stride1_step(i: int, n: int, time_shift: bool) -> Step:
+def _stride1_step(i: int, n: int, time_shift: bool, ring: bool = False) -> Step:
     t = i - 1 if time_shift else i
-    calls = tuple(Call(k, t, i if k == 0 else i - 1) for k in range(n))
+    calls = tuple(Call(k, t, i if k == 0 and not ring else i - 1) for k in range(n))
     return Step(i, "compute", calls, EpsSource(n - 1, t, i))
 
 
-def _stride2_steps(steps: int, n: int, warmup: int, time_shift: bool) -> list[Step]:
+def _stride2_steps(steps: int, n: int, warmup: int, time_shift: bool,
+                   ring: bool = False) -> list[Step]:
     out: list[Step] = []
     prev_round = warmup - 1  # the first round reads the last warm-up outputs
     for i in range(warmup, steps):
         if (i - warmup) % 2 == 0:
             main_t, copy_t = _stride2_timesteps(i, steps, time_shift)
-            calls = tuple(Call(k, main_t, i if k == 0 else prev_round) for k in range(n))
+            calls = tuple(Call(k, main_t, i if k == 0 and not ring else prev_round)
+                          for k in range(n))
             copy = Call(n - 1, copy_t, prev_round)
             eps = EpsSource(n - 1, copy_t, i)
             out.append(Step(i, "compute", calls + (copy,), eps, stride_copy=True))
@@ -189,9 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stride", type=int, default=1, choices=(1, 2))
     p.add_argument("--warmup", type=int, default=1, help="sequential warm-up steps w (1..T)")
     p.add_argument("--time-shift", action="store_true")
+    p.add_argument("--layout", default="sequential", choices=("sequential", "outer-ring"))
     a = p.parse_args(argv)
     try:
-        plan = make_plan(a.steps, a.components, a.stride, a.warmup, a.time_shift)
+        plan = make_plan(a.steps, a.components, a.stride, a.warmup, a.time_shift,
+                         ring=a.layout == "outer-ring")
     except ValueError as e:
         p.error(str(e))
     print(json.dumps(plan.to_json()))

@@ -85,14 +85,14 @@ def export(pipeline: Path, dep: Deployment, out: Path, default_steps: int = 10,
     """
     from asyncdiff.partition import Partition
     from export.cli import ExportOptions, run_export
-    from asyncdiff.contract import Request
+    from asyncdiff.contract import STREAM_MODEL_NAME, Request
 
     out = Path(out)
     stamp = out / "bench_export.json"
     wanted = json.dumps({"pipeline": (Path(pipeline) / "bench_config.json").read_text(),
                          "deployment": dataclasses.asdict(dep), "steps": default_steps,
                          "validate": validate}, sort_keys=True)
-    served = out / "asyncdiff" / "1" / "partition.json"
+    served = out / STREAM_MODEL_NAME / "1" / "partition.json"
     if stamp.is_file() and stamp.read_text() == wanted and served.is_file():
         return Partition.load(served)
     opts = ExportOptions(model=str(pipeline), components=dep.components, stride=dep.stride,

@@ -26,6 +26,16 @@ Per-step orchestration overhead (same definition for both executors):
 Both include waiting for the other device (warm-up, imbalance), not only messaging.
 
 Ends with one line: ``speedup_n2s1_local=<x> speedup_n2s1_triton=<y> ideal=<z>``.
+
+``--sdxl`` (separate, not part of the default run): the paper's SDXL configurations
+(N 2-4, S 1-2, warm-up 1 for S=1 and 9 for S=2, T=50) on the built-in ``sdxl-full``
+architecture (random weights).  Each stage of the UNet is timed once on this machine
+(median of 3 calls, one thread, at ``--sdxl-latent``, default 16: a 128 px image, as a
+full 1024 px call takes minutes per step here); each configuration is cut (outer ring and
+sequential, balanced by the measured times) and its speedup projected by the cost model
+from the measured component times, beside the projection from FLOP shares.  The
+configurations need up to N+1 devices, more than this machine's 2 cores, so they are
+projected, not run in parallel.
 """
 
 from __future__ import annotations
@@ -457,6 +467,89 @@ def where_the_time_goes(report: dict) -> str:
     return "\n".join(out)
 
 
+# -- SDXL: the paper's configurations on sdxl-full, projected from measured stage times -------
+
+SDXL_CONFIGS = ((2, 1, 1), (3, 1, 1), (4, 1, 1), (2, 2, 9), (3, 2, 9), (4, 2, 9))  # (N, S, w)
+SDXL_LAYOUTS = ("outer_ring", "sequential")
+
+
+def sdxl_projections(model: str = "sdxl-full", latent: int = 16, steps: int = 50,
+                     configs=SDXL_CONFIGS, repeats: int = 3) -> dict:
+    """Per configuration and layout: the time-balanced cut, its measured component times and
+    the cost model's projected speedup from them and from the FLOP shares of the same cut."""
+    from asyncdiff.configs import load_unet
+    from asyncdiff.cost import project
+    from asyncdiff.partition import build_partition, graph_interface
+    from asyncdiff.placement import Placement
+    from asyncdiff.profile import profile_stages
+    from asyncdiff.schedule import make_plan
+    from asyncdiff.stages import build_stage_graph
+
+    t0 = time.perf_counter()
+    unet = load_unet(model)
+    load_s = time.perf_counter() - t0
+    graph = build_stage_graph(unet)
+    timed = profile_stages(graph, 2, latent, latent, "time", repeats=repeats)
+    flops = profile_stages(build_stage_graph(load_unet(model, device="meta")), 2, latent, latent)
+    flop_of = dict(zip(flops.names, flops.costs))
+    out = {"model": model, "latent": latent, "steps": steps, "load_s": load_s,
+           "unet_call_s": sum(timed.costs), "stage_s": dict(zip(timed.names, timed.costs)),
+           "configs": []}
+    for n, stride, warmup in configs:
+        for layout in SDXL_LAYOUTS:
+            part = build_partition(timed, num_components=n, model=model, stride=stride,
+                                   layout=layout, **graph_interface(graph))
+            plan = make_plan(steps, n, stride, warmup, ring=layout == "outer_ring")
+            place = Placement(n, stride)
+            times = [c.cost for c in part.components]
+            by_flops = [sum(flop_of[st] for st in c.stages) for c in part.components]
+            # the ring's warm-up front call: its stages before the gap (torch runners run only those)
+            fronts = [_front_cost(c.stages, timed) for c in part.components]
+            out["configs"].append({
+                "name": f"N{n}S{stride} w{warmup}", "layout": layout, "devices": place.world_size,
+                "cuts": part.cuts, "component_s": times,
+                "largest_share": max(times) / sum(times),
+                "front_s": fronts,
+                "projected_measured": project(plan, place, times, front_costs=fronts).speedup,
+                "projected_measured_whole_ring_warmup": project(plan, place, times).speedup,
+                "projected_flops": project(plan, place, by_flops, front_costs=[
+                    _front_cost(c.stages, flops) for c in part.components]).speedup})
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _front_cost(stages: list[str], profile) -> float:
+    idx = [profile.names.index(s) for s in stages]
+    cut = next((j for j in range(1, len(idx)) if idx[j] != idx[j - 1] + 1), len(idx))
+    return sum(profile.costs[i] for i in idx[:cut])
+
+
+def sdxl_table(res: dict) -> str:
+    lines = [f"SDXL ({res['model']}, random weights, latent {res['latent']}, T={res['steps']}): "
+             f"one UNet call {res['unet_call_s']:.2f} s on this machine (sum of stage medians)",
+             "", "| config | devices | layout | largest component | projected (measured times) "
+             "| projected (FLOP shares) | ring warm-up as a whole call | cuts |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in res["configs"]:
+        lines.append(f"| {c['name']} | {c['devices']} | {c['layout'].replace('_', '-')} | "
+                     f"{100 * c['largest_share']:.1f}% | {c['projected_measured']:.2f}x | "
+                     f"{c['projected_flops']:.2f}x | "
+                     f"{c['projected_measured_whole_ring_warmup']:.2f}x | {','.join(c['cuts'])} |")
+    return "\n".join(lines)
+
+
+def sdxl_main(a) -> int:
+    import json
+
+    res = sdxl_projections(latent=a.sdxl_latent, steps=a.steps or 50)
+    print(sdxl_table(res))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"machine": machine_info(), "sdxl": res}, indent=1) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"fewer steps ({QUICK}); <= 10 min on 2 cores")
@@ -472,6 +565,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--from-json", type=Path, help="measure nothing: report/plot this saved JSON")
     p.add_argument("--plot", type=Path, help="write the speedup bar chart (PNG) here")
     p.add_argument("--markdown", action="store_true", help="also print the doc's markdown tables")
+    p.add_argument("--sdxl", action="store_true", help="only the paper's SDXL configurations on "
+                   "sdxl-full: measured stage times, cost-model projections (see the docstring)")
+    p.add_argument("--sdxl-latent", type=int, default=16, help="--sdxl: latent side (default 16)")
     a = p.parse_args(argv)
     s = Settings(**(QUICK if a.quick else {}))
     for key in ("model", "latent", "steps", "reps", "workdir"):
@@ -485,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     s, a = parse_args(argv)
+    if a.sdxl:
+        return sdxl_main(a)
     if a.from_json:
         return _from_json(a)
     report = {"command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),

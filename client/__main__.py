@@ -3,6 +3,8 @@
     python -m client "a handwritten digit 7" --out digit.png
     python -m client "a handwritten digit 7" --protocol http --seed 3 --steps 25 --scheduler euler
 
+Over gRPC the request is streamed (``asyncdiff_stream``) and a progress bar shows
+each step; ``--no-stream`` (or HTTP) calls the unary ``asyncdiff`` model instead.
 Options left out are not sent: the model's own defaults apply.
 """
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from asyncdiff.contract import add_request_arguments
 from client.infer import (PROTOCOLS, GenerationParams, auto_upscale_factor, default_url, generate,
-                          upscale)
+                          generate_stream, upscale)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="nearest-neighbour factor for the saved PNG; 0 (default) picks the "
                         "smallest factor giving >= 256 px, e.g. 16 for the tiny model's 16x16")
     p.add_argument("--latents", type=Path, help="also save the final latents (.npy)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="gRPC: call the unary model (no progress bar)")
+    p.add_argument("--preview-every", type=int, default=0,
+                   help="streaming: save a preview PNG beside --out every k steps (default: none)")
     args = p.parse_args(argv)
     if args.upscale < 0:
         p.error("--upscale must be >= 0")
@@ -95,15 +101,35 @@ def save_png(image: np.ndarray, path: Path, factor: int) -> None:
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path)
 
 
+def _streamed(args: argparse.Namespace):
+    """A real progress bar (step i/T, rate, ETA) from the stream's per-step responses."""
+    from tqdm import tqdm
+
+    with tqdm(desc=f"asyncdiff at {args.url}", unit="step", file=sys.stderr) as bar:
+        def on_step(done: int, total: int, preview: np.ndarray | None) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            if preview is not None:
+                save_png(preview, args.out.with_name(f"{args.out.stem}.step{done}.png"), args.upscale)
+
+        result = generate_stream(params_from_args(args), url=args.url, timeout=args.timeout,
+                                 on_step=on_step, preview_every=args.preview_every)
+        bar.update(bar.total - bar.n if bar.total else 0)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from tritonclient.utils import InferenceServerException
 
     args = parse_args(argv)
     start = time.monotonic()
     try:
-        with Spinner(f"asyncdiff via {args.protocol} at {args.url}"):
-            result = generate(params_from_args(args), protocol=args.protocol, url=args.url,
-                              timeout=args.timeout)
+        if args.protocol == "grpc" and not args.no_stream:
+            result = _streamed(args)
+        else:
+            with Spinner(f"asyncdiff via {args.protocol} at {args.url}"):
+                result = generate(params_from_args(args), protocol=args.protocol, url=args.url,
+                                  timeout=args.timeout)
     except InferenceServerException as exc:
         print(f"error: {exc.message() or exc}", file=sys.stderr)
         return 1

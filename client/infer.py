@@ -12,13 +12,17 @@ encodings are ``asyncdiff.contract``'s (numpy only: no torch here).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Literal
 
 import numpy as np
 
-from asyncdiff.contract import INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS
+from asyncdiff.contract import (
+    INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS, PREVIEW, PREVIEW_EVERY, STEP,
+    STREAM_MODEL_NAME,
+)
 
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
@@ -99,6 +103,46 @@ def generate(params: GenerationParams, protocol: Protocol = "grpc", url: str | N
             result = client.infer(model_name, inputs, outputs=outputs)
     image, latents = (result.as_numpy(f.name) for f in OUTPUTS)
     return GenerationResult(image=image, latents=latents)
+
+
+def generate_stream(params: GenerationParams, url: str | None = None, timeout: float = 300.0,
+                    on_step: Callable[[int, int, np.ndarray | None], None] | None = None,
+                    preview_every: int = 0) -> GenerationResult:
+    """``generate`` over a gRPC stream to the decoupled ``asyncdiff_stream`` model:
+    ``on_step(done, total, preview)`` after every step (``preview``: a uint8 image every
+    ``preview_every`` steps, else None), then the result. Closing early cancels the request."""
+    import queue
+
+    import tritonclient.grpc as module
+    from tritonclient.utils import InferenceServerException
+
+    inputs, _ = build_request(params, "grpc")
+    if preview_every:
+        extra = module.InferInput(PREVIEW_EVERY.name, [1], PREVIEW_EVERY.dtype)
+        extra.set_data_from_numpy(PREVIEW_EVERY.encode(preview_every))
+        inputs.append(extra)
+    outputs = [module.InferRequestedOutput(f.name) for f in (*OUTPUTS, STEP, PREVIEW)]
+    responses: queue.Queue = queue.Queue()
+    with module.InferenceServerClient(url or default_url("grpc")) as client:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            stream_timeout=timeout)
+        try:
+            client.async_stream_infer(STREAM_MODEL_NAME, inputs, outputs=outputs)
+            while True:
+                try:
+                    result, error = responses.get(timeout=timeout)
+                except queue.Empty:
+                    raise InferenceServerException(f"no response within {timeout:g} s") from None
+                if error is not None:
+                    raise error
+                image = result.as_numpy("IMAGE")
+                if image is not None:
+                    return GenerationResult(image=image, latents=result.as_numpy("LATENTS"))
+                if on_step is not None:
+                    done, total = (int(v) for v in result.as_numpy(STEP.name))
+                    on_step(done, total, result.as_numpy(PREVIEW.name))
+        finally:
+            client.stop_stream(cancel_requests=True)
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

@@ -56,5 +56,8 @@ fi
 # default, 64 MiB, is far below what the cut tensors of one SD round need at 768x768).
 pool_args="$(python3 -m serve.deployment "$repo" \
     ${CUDA_MEMORY_POOL_MB:+--cuda-memory-pool-mb "$CUDA_MEMORY_POOL_MB"})"
+# Explicit model control, every model loaded: a component whose stub died can be reloaded
+# through the repository API (unload, then load) instead of restarting the container.
 # shellcheck disable=SC2086  # pool_args is a list of words on purpose
-exec tritonserver --model-repository="$repo" $pool_args "$@"
+exec tritonserver --model-repository="$repo" --model-control-mode=explicit '--load-model=*' \
+    $pool_args "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from asyncdiff.contract import INPUTS, VAE_DECODER, PipelineParams, Request, add_request_arguments
+from asyncdiff.conditioning import (
+    PENULTIMATE, POOLED, SD, SDXL, check_added_embedding, conditioning_kind,
+)
+from asyncdiff.contract import (
+    INPUTS, SCHEDULERS, TEXT_ENCODER, VAE_DECODER, NetworkNames, PipelineParams, Request,
+    add_request_arguments,
+)
 from asyncdiff.partition import ACTIVATION_ROLES
 from asyncdiff.placement import Placement
 from export import repository as repo_mod
@@ -55,10 +62,21 @@ class ExportOptions:
     progress: bool = True
     defaults: Request = field(default_factory=Request)  # what the server applies to omitted inputs
     component_timeout_s: float = PARAM_DEFAULTS["component_timeout_s"]
+    max_queue_size: int = 16  # requests waiting beyond those in flight; more get "server busy"
+    layout: str = "sequential"  # or "outer_ring" (the paper's SDXL split)
+    # Request defaults to take from the pipeline folder (its scheduler, its family's guidance)
+    # instead of ``defaults``: the CLI lists those the user did not give.
+    folder_defaults: frozenset[str] = frozenset()
 
     @property
     def limit(self) -> int:
         return self.max_batch or 4 * self.batch
+
+    @property
+    def max_batch_requests(self) -> int:
+        """Requests that fit one batched component call: rows per request are ``batch``,
+        twice that for the last component's merged stride pair."""
+        return max(1, self.limit // (self.batch * (2 if self.batched_stride else 1)))
 
 
 @dataclass
@@ -72,6 +90,12 @@ class Source:
     vae: torch.nn.Module | None = None
     scheduler_config: Path | None = None
     tokenizer_dir: Path | None = None
+    # SDXL: the second text encoder (with projection) and its tokenizer
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2_dir: Path | None = None
+    force_zeros_for_empty_prompt: bool = False
+    scheduler_class: str | None = None  # the folder's scheduler _class_name
+    safety_checker: bool = False  # the folder has one (it is not served)
 
     @property
     def full_pipeline(self) -> bool:
@@ -110,7 +134,107 @@ def load_source(model: str) -> Source:
         source.scheduler_config = folder / "scheduler" / "scheduler_config.json"
     if (folder / "tokenizer").is_dir():
         source.tokenizer_dir = folder / "tokenizer"
+    _load_sdxl_parts(source, folder)
     return source
+
+
+def _load_sdxl_parts(source: Source, folder: Path) -> None:
+    """What an SDXL folder adds (text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt),
+    the folder's scheduler class and whether it has a safety checker."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if (folder / "text_encoder_2").is_dir():
+        from transformers import CLIPTextModelWithProjection
+
+        source.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2").eval()
+    if (folder / "tokenizer_2").is_dir():
+        source.tokenizer_2_dir = folder / "tokenizer_2"
+    source.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", False))
+    if source.scheduler_config is not None:
+        source.scheduler_class = json.loads(source.scheduler_config.read_text()).get("_class_name")
+    checker = index.get("safety_checker")
+    source.safety_checker = (folder / "safety_checker").is_dir() or (
+        isinstance(checker, list) and None not in checker)
+
+
+# -- what the pipeline folder decides (SD or SDXL) ----------------------------------------
+
+FOLDER_DEFAULTS = ("scheduler", "guidance_scale")
+# diffusers scheduler class -> the contract's SCHEDULER name that builds it from the same config
+SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                   "DPMSolverMultistepScheduler": "dpmsolver++"}
+FAMILY_GUIDANCE = {SD: 7.5, SDXL: 5.0}  # diffusers' pipeline defaults
+
+
+def folder_defaults(opts: ExportOptions, source: Source, part, notes: list[str]) -> Request:
+    """``opts.defaults`` with the fields in ``opts.folder_defaults`` taken from the folder: its
+    scheduler class (served with its own config) and its family's guidance. Notes say what was
+    chosen and what the folder holds that is not served."""
+    from asyncdiff.configs import resolve
+    from asyncdiff.tiny import MODEL_DIR
+
+    kind, defaults, chosen = conditioning_kind(part), opts.defaults, []
+    if "scheduler" in opts.folder_defaults and source.scheduler_class:
+        name = SCHEDULER_NAMES.get(source.scheduler_class)
+        if source.scheduler_class == "DPMSolverMultistepScheduler" and _algorithm(source) not in (
+                None, "dpmsolver++"):
+            name = None
+        if name is None:
+            chosen.append(f"scheduler {defaults.scheduler} (the folder's {source.scheduler_class} "
+                          f"is not one of the served schedulers {list(SCHEDULERS)})")
+        else:
+            defaults = dataclasses.replace(defaults, scheduler=name)
+            chosen.append(f"scheduler {name} (the folder's {source.scheduler_class}, its config)")
+    if "guidance_scale" in opts.folder_defaults:
+        if Path(resolve(opts.model).name).resolve() == Path(MODEL_DIR).resolve():
+            chosen.append(f"guidance {defaults.guidance_scale:g} (the tiny model's, as trained)")
+        else:
+            defaults = dataclasses.replace(defaults, guidance_scale=FAMILY_GUIDANCE[kind])
+            chosen.append(f"guidance {FAMILY_GUIDANCE[kind]:g} ({kind.upper()} pipelines' default)")
+    if chosen:
+        notes.append("served defaults from the folder: " + "; ".join(chosen))
+    if source.safety_checker:
+        notes.append("the folder has a safety_checker: it is not served (images are returned "
+                     "unchecked)")
+    return defaults
+
+
+def _algorithm(source: Source) -> str | None:
+    return json.loads(source.scheduler_config.read_text()).get("algorithm_type")
+
+
+def text_encoder_networks(source: Source, part) -> list[Network]:
+    """SD: text_encoder -> last_hidden_state. SDXL: text_encoder -> penultimate hidden states,
+    text_encoder_2 -> penultimate hidden states and the projected pooled ``text_embeds``."""
+    kind = conditioning_kind(part)
+    if kind == SD:
+        return [text_encoder_network(source.text_encoder)]
+    if source.text_encoder_2 is None or source.tokenizer_2_dir is None:
+        raise ValueError(f"{source.name}: the UNet takes SDXL's text_embeds/time_ids but the "
+                         "folder has no text_encoder_2/ and tokenizer_2/")
+    check_added_embedding(source.unet.config, int(source.text_encoder_2.config.projection_dim))
+    return [text_encoder_network(source.text_encoder, penultimate=True),
+            text_encoder_network(source.text_encoder_2, name="text_encoder_2", penultimate=True)]
+
+
+def conditioning_params(source: Source, part) -> dict:
+    """The ``PipelineParams`` fields of the conditioning the BLS builds."""
+    if conditioning_kind(part) == SD:
+        return {}
+    return dict(conditioning=SDXL,
+                text_encoder=NetworkNames(TEXT_ENCODER.model, TEXT_ENCODER.input, PENULTIMATE),
+                text_encoder_2=NetworkNames("text_encoder_2", TEXT_ENCODER.input, PENULTIMATE),
+                text_encoder_2_pooled=POOLED,
+                force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt)
+
+
+def tokenizer_2_files(source: Source, params: PipelineParams) -> dict[str, Path]:
+    """SDXL: the second tokenizer's files, beside the first in the pipeline's version folder."""
+    if params.conditioning != SDXL:
+        return {}
+    root = Path(source.tokenizer_2_dir)
+    return {f"{params.tokenizer_2_dir}/{p.relative_to(root)}": p
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
@@ -145,15 +269,16 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
     h, w = latent_size(opts, source)
     part = partition_unet(source.unet, opts.components, model=opts.model, batch=opts.batch,
                           height=h, width=w, metric=opts.cost, stride=opts.stride,
-                          batched_stride=opts.batched_stride, cuts=opts.cuts)
+                          batched_stride=opts.batched_stride, cuts=opts.cuts,
+                          layout=opts.layout.replace("-", "_"))
     graph = build_stage_graph(source.unet)
     sampler = InterfaceSampler(graph, h, w)
     components = build_components(graph, part)
     networks = [component_network(c, sampler) for c in components]
     notes: list[str] = []
     if source.full_pipeline:
-        networks += [text_encoder_network(source.text_encoder),
-                     vae_decoder_network(source.vae, h, w)]
+        opts = dataclasses.replace(opts, defaults=folder_defaults(opts, source, part, notes))
+        networks += [*text_encoder_networks(source, part), vae_decoder_network(source.vae, h, w)]
     else:
         notes.append(f"{opts.model!r} is not a diffusers pipeline folder: only the UNet components "
                      "are exported (no text_encoder, vae_decoder or asyncdiff pipeline model)")
@@ -188,6 +313,8 @@ def _check_options(opts: ExportOptions) -> None:
                          "components)")
     if not opts.component_timeout_s > 0:
         raise ValueError(f"--component-timeout-s must be > 0, got {opts.component_timeout_s}")
+    if opts.max_queue_size < 0:
+        raise ValueError(f"--max-queue-size must be >= 0, got {opts.max_queue_size}")
     try:  # the defaults must be a valid request once a prompt is given
         dataclasses.replace(opts.defaults, prompt=opts.defaults.prompt or "x").validate()
     except ValueError as e:
@@ -265,11 +392,16 @@ def _served_partition(part, artifacts: list[Artifact]):
 
 
 def served_dtypes(part, artifacts: list[Artifact]) -> dict[str, str]:
-    """Tensor name -> served dtype of every tensor the BLS sends or receives: component 0's
-    inputs (the pipeline inputs), the last component's output, the text encoder's and VAE's IO."""
+    """Tensor name -> served dtype of every tensor the BLS sends or receives: the components'
+    pipeline inputs (latent, timestep, conditioning), the noise prediction, the text encoders'
+    and VAE's IO."""
     by_name = {a.name: a for a in artifacts}
-    first, last = by_name[part.components[0].name], by_name[part.components[-1].name]
-    specs = [*first.inputs, *last.outputs]
+    # Pipeline inputs (latent, timestep, conditioning) and noise_pred, wherever they sit: with
+    # the outer ring the latent enters the last component.
+    comps = [by_name[c.name] for c in part.components]
+    produced = {s.name for a in comps for s in a.outputs}
+    specs = [s for a in comps for s in a.inputs if s.name not in produced]
+    specs += [s for a in comps for s in a.outputs if s.name == "noise_pred"]
     for art in artifacts:
         if not art.name.startswith("unet_part_"):
             specs += [*art.inputs, *art.outputs]
@@ -285,10 +417,13 @@ def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
         latent_shape=(source.unet.config.in_channels, h, w), image_shape=(height, width, 3),
         vae_scaling_factor=float(source.vae.config.scaling_factor), defaults=opts.defaults,
         component_timeout_s=opts.component_timeout_s, device=place.device(place.pipeline_rank),
-        dtypes=served_dtypes(part, artifacts), gpus=place.gpus)
-    repo_mod.write(out, repo_mod.pipeline_config(params),
-                   repo_mod.pipeline_files(part, params, source.scheduler_config,
-                                           source.tokenizer_dir))
+        dtypes=served_dtypes(part, artifacts), gpus=place.gpus,
+        max_batch_requests=opts.max_batch_requests, max_queue_size=opts.max_queue_size,
+        max_batch_sizes={a.name: _max_batch_of(opts, a.name) for a in artifacts})
+    params = dataclasses.replace(params, **conditioning_params(source, part))
+    files = repo_mod.pipeline_files(part, params, source.scheduler_config, source.tokenizer_dir)
+    files.update(tokenizer_2_files(source, params))
+    repo_mod.write_pipeline(out, params, files)
 
 
 def _profile(opts, art: Artifact, onnx_path: Path) -> trt_mod.Profile:
@@ -417,8 +552,19 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
                    help="skip the onnxruntime-vs-torch parity checks (quick iteration only)")
     p.add_argument("--component-timeout-s", type=float, default=PARAM_DEFAULTS["component_timeout_s"],
                    help="seconds the pipeline waits for one component call (default: %(default)s)")
+    p.add_argument("--max-queue-size", type=int, default=16,
+                   help="requests that may wait beyond those in flight; more are rejected "
+                   "as UNAVAILABLE (server busy) (default: %(default)s)")
+    p.add_argument("--layout", default="sequential", choices=("sequential", "outer-ring"),
+                   help="outer-ring: the last component holds the first and the last stages "
+                   "(the paper's SDXL split)")
     add_request_arguments(p, Request())  # the pipeline's defaults for omitted inputs
+    # Left out: taken from the pipeline folder (its scheduler, its family's guidance).
+    p.set_defaults(**{f: None for f in FOLDER_DEFAULTS})
     a = p.parse_args(argv)
+    from_folder = frozenset(f for f in FOLDER_DEFAULTS if getattr(a, f) is None)
+    for f in from_folder:
+        setattr(a, f, getattr(Request(), f))
     cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
     components = a.components or (len(cuts) + 1 if cuts else None)
     if components is None:
@@ -433,6 +579,7 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
         gpus=gpus, batched_stride=a.batched_stride, cuts=cuts, cost=a.cost,
         build_engines=a.build_engines, overwrite=a.overwrite, progress=not a.no_progress,
         validate=not a.no_validate, component_timeout_s=a.component_timeout_s,
+        max_queue_size=a.max_queue_size, layout=a.layout, folder_defaults=from_folder,
         defaults=Request(**{f.field: getattr(a, f.field) for f in INPUTS if not f.required}),
     )
 

@@ -2,7 +2,9 @@
 
 A ``Network`` is anything with a fixed named interface: one UNet component
 (``asyncdiff.components.Component``), the text encoder (``input_ids`` ->
-``last_hidden_state``) or the VAE decoder (``latents`` -> ``image``).
+``last_hidden_state``; SDXL's two encoders: ``input_ids`` ->
+``penultimate_hidden_state`` (+ ``text_embeds``, the second encoder's projected
+pooled output)) or the VAE decoder (``latents`` -> ``image``).
 ``export_network`` writes one self-contained ``.onnx`` file (opset 17,
 TorchScript exporter, dim 0 dynamic), runs ``onnx.checker`` on it and
 compares onnxruntime (CPU) with the fp32 torch module at the export batch
@@ -344,6 +346,21 @@ class _TextEncoder(nn.Module):
         return self.encoder(input_ids).last_hidden_state
 
 
+class _PenultimateTextEncoder(nn.Module):
+    """SDXL's text encoder outputs: the penultimate hidden states (before the final layer norm),
+    and with a projection (``CLIPTextModelWithProjection``) the projected pooled embedding."""
+
+    def __init__(self, encoder: nn.Module, pooled: bool):
+        super().__init__()
+        self.encoder, self.pooled = encoder, pooled
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.encoder(input_ids, output_hidden_states=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
 class _VaeDecoder(nn.Module):
     """``vae.decode(z).sample`` only: the 1/scaling_factor step stays in the pipeline (BLS),
     so this graph is the plain decoder and the factor is a visible config parameter."""
@@ -356,7 +373,13 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latents).sample
 
 
-def text_encoder_network(encoder: nn.Module, seed: int = 0) -> Network:
+def text_encoder_network(encoder: nn.Module, seed: int = 0, *, name: str = "text_encoder",
+                         penultimate: bool = False) -> Network:
+    """SD: ``input_ids`` -> ``last_hidden_state``. ``penultimate`` (SDXL):
+    ``input_ids`` -> ``penultimate_hidden_state``, plus ``text_embeds`` when the encoder has a
+    projection (text_encoder_2)."""
+    from asyncdiff.conditioning import PENULTIMATE, POOLED
+
     vocab = int(encoder.config.vocab_size)
     seq_len = int(encoder.config.max_position_embeddings)  # 77 for CLIP: the tokenizer pads to it
 
@@ -364,7 +387,12 @@ def text_encoder_network(encoder: nn.Module, seed: int = 0) -> Network:
         g = torch.Generator().manual_seed(seed + batch)
         return (torch.randint(0, vocab, (batch, seq_len), generator=g, dtype=torch.int64),)
 
-    return Network("text_encoder", _TextEncoder(encoder).eval(), [TEXT_INPUT], [TEXT_OUTPUT], make)
+    if not penultimate:
+        return Network(name, _TextEncoder(encoder).eval(), [TEXT_INPUT], [TEXT_OUTPUT], make)
+    pooled = hasattr(encoder, "text_projection")
+    outputs = [PENULTIMATE, POOLED] if pooled else [PENULTIMATE]
+    return Network(name, _PenultimateTextEncoder(encoder, pooled).eval(), [TEXT_INPUT], outputs,
+                   make)
 
 
 def vae_decoder_network(vae: nn.Module, latent_height: int, latent_width: int,

@@ -8,10 +8,14 @@ Models (one folder each, ``config.pbtxt`` + version ``1/``):
   same step share one call.
 * the text encoder and the VAE decoder (names from ``asyncdiff.contract``;
   the VAE without the 1/scaling_factor step, which the pipeline applies).
-* ``asyncdiff``: the pipeline (BLS) model. Its inputs and outputs are the
-  contract's, its parameters are exactly ``PipelineParams.to_parameters()``;
-  its version folder holds the partition, the scheduler config and the
-  tokenizer files, so it runs without the diffusers pipeline folder.
+* ``asyncdiff_stream``: the pipeline engine (BLS, decoupled: per-step progress,
+  then the image; requests in flight together, their component calls batched).
+  Its parameters are exactly ``PipelineParams.to_parameters()``; its version
+  folder holds the partition, the scheduler config and the tokenizer files,
+  so it runs without the diffusers pipeline folder.
+* ``asyncdiff``: the unary model clients call (HTTP, gRPC, perf_analyzer): the
+  contract's inputs and outputs, one instance per request in flight, each
+  forwarding to the engine; its queue is bounded (``max_queue_size``).
 
 Which GPU runs which instance is ``asyncdiff.placement.Placement``'s rule.
 """
@@ -24,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from asyncdiff.contract import (
-    INPUTS, MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, TEXT_ENCODER, VAE_DECODER,
-    IOField, PipelineParams,
+    INPUTS, MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, STREAM_INPUTS, STREAM_MODEL_NAME,
+    STREAM_OUTPUTS, TEXT_ENCODER, UNARY_BACKEND, VAE_DECODER, IOField, PipelineParams,
 )
 from asyncdiff.placement import Placement
 from export.onnx_export import IOSpec
@@ -77,17 +81,44 @@ def _model_tensor(f: IOField, dims: Sequence[int] | None = None) -> ModelTensor:
 
 
 def pipeline_config(params: PipelineParams):
-    """The BLS model: ``max_batch_size: 0``, one generation per request; the contract's IO."""
-    shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape}
-    outputs = [_model_tensor(f, shapes.get(f.name)) for f in OUTPUTS]
+    """The engine (``asyncdiff_stream``): decoupled, one instance, ``max_batch_size: 0``."""
+    shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape,
+              "PREVIEW": params.image_shape}
     parameters = params.to_parameters()
     # Triton's own: on a GPU, BLS responses stay in GPU memory instead of being copied to the host.
     parameters[FORCE_CPU_ONLY] = "yes" if params.device == "cpu" else "no"
-    config = python_model_config(MODEL_NAME, [_model_tensor(f) for f in INPUTS], outputs,
-                                 backend=PIPELINE_BACKEND, max_batch_size=0, parameters=parameters)
-    for entry, f in zip(config.input, INPUTS):
-        entry.optional = not f.required
+    config = python_model_config(
+        STREAM_MODEL_NAME, [_model_tensor(f) for f in STREAM_INPUTS],
+        [_model_tensor(f, shapes.get(f.name)) for f in STREAM_OUTPUTS],
+        backend=PIPELINE_BACKEND, max_batch_size=0, parameters=parameters)
+    config.model_transaction_policy.decoupled = True
+    _mark_optional(config, STREAM_INPUTS)
     return config
+
+
+def unary_config(params: PipelineParams):
+    """``asyncdiff``: the contract's IO; an instance per request in flight; a bounded queue."""
+    shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape}
+    config = python_model_config(
+        MODEL_NAME, [_model_tensor(f) for f in INPUTS],
+        [_model_tensor(f, shapes.get(f.name)) for f in OUTPUTS],
+        backend=UNARY_BACKEND, max_batch_size=0, count=params.max_batch_requests)
+    _mark_optional(config, INPUTS)
+    # Triton's queue policy works without batching: a full queue answers UNAVAILABLE at once.
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = params.max_queue_size
+    return config
+
+
+def write_pipeline(repo: Path, params: PipelineParams, files: Mapping[str, object]) -> None:
+    """The engine (with its version files) and the unary model in front of it."""
+    write(repo, pipeline_config(params), files)
+    write(repo, unary_config(params))
+
+
+def _mark_optional(config, fields: Sequence[IOField]) -> None:
+    for entry, f in zip(config.input, fields):
+        entry.optional = not f.required
 
 
 def pipeline_params(config) -> PipelineParams:
@@ -114,7 +145,7 @@ def write(repo: Path, config, files: Mapping[str, object] | None = None) -> Path
 
 def our_models(repo: Path) -> list[Path]:
     """Folders (and files) a previous export may have left in ``repo``."""
-    names = {MODEL_NAME, *NETWORK_MODELS, "build_engines.sh", deployment.FILE}
+    names = {MODEL_NAME, STREAM_MODEL_NAME, *NETWORK_MODELS, "build_engines.sh", deployment.FILE}
     return sorted(p for p in Path(repo).iterdir()
                   if p.name in names or p.name.startswith("unet_part_"))
 

@@ -2,6 +2,11 @@
 
     python -m serve --model-repository model_repository [--http-port 8000]
                     [--cuda-memory-pool-mb MB] [-- --log-verbose=1]
+
+Models are under explicit control (--model-control-mode=explicit --load-model=*) unless the
+tritonserver arguments name another --model-control-mode: a model whose stub died can then
+be brought back without a restart, by unloading and loading it through the repository API
+(POST /v2/repository/models/<name>/unload, then .../load).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve.launcher import DEFAULT_WORKDIR, ServerError, TritonServer
+from serve.launcher import DEFAULT_WORKDIR, RECOVERABLE_ARGS, ServerError, TritonServer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def server_args(extra_args: list[str]) -> list[str]:
+    """The tritonserver arguments given, after the recoverable model control unless they
+    choose a mode themselves."""
+    if any(arg.startswith("--model-control-mode") for arg in extra_args):
+        return list(extra_args)
+    return [*RECOVERABLE_ARGS, *extra_args]
+
+
 def _env_port(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     if not value.isdigit():
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(
         model_repository=args.model_repository, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_file=args.log_file,
-        extra_args=args.extra_args, workdir=args.workdir, startup_timeout=args.startup_timeout,
+        extra_args=server_args(args.extra_args), workdir=args.workdir, startup_timeout=args.startup_timeout,
         cuda_memory_pool_mb=args.cuda_memory_pool_mb)
     try:
         server.start()

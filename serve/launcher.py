@@ -13,6 +13,12 @@ libtriton_python.so and stub). model.py alone is enough in that folder.
 On a GPU host the server gets a CUDA memory pool per GPU of the repository, sized
 as its ``deployment.json`` recommends (``serve.deployment``); on a CPU-only host it
 gets no CUDA flag at all.
+
+Recovery: the python backend never respawns a stub that died, and in model-control
+mode NONE the repository API refuses to reload it. ``RECOVERABLE_ARGS`` (explicit
+mode, every model loaded) lets ``TritonServer.reload_model`` bring it back. The dead
+model version never finishes unloading, so Triton leaves its /dev/shm region behind;
+``stop`` removes the regions its own server mapped.
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ DEFAULT_WORKDIR = REPO_ROOT / ".tritonserver"
 PROJECT_BACKENDS = REPO_ROOT / "backends"
 HOST = "127.0.0.1"
 _INSTALL_MARK = ".installed-from"
+# Explicit model control with every model loaded at start: models can be (re)loaded through
+# the repository API, e.g. one whose stub died. `python -m serve`, `make serve` and the
+# container start with these unless told another mode.
+RECOVERABLE_ARGS = ("--model-control-mode=explicit", "--load-model=*")
+SHM_DIR = Path("/dev/shm")
+# Python backend regions are named triton_<backend>_backend_shm_region_<uuid>.
+_STUB_REGION_MARK = "_shm_region_"
 
 
 class ServerError(RuntimeError):
@@ -179,6 +192,7 @@ class TritonServer:
     stop_timeout: float = 30.0
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _log: object = field(default=None, init=False, repr=False)
+    _shm_regions: set[Path] = field(default_factory=set, init=False, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -197,6 +211,8 @@ class TritonServer:
         return self._proc.pid if self._proc else None
 
     def start(self) -> "TritonServer":
+        """Start and wait until ready. Call it from a thread that outlives the server: the
+        parent-death signal fires when the *thread* that started the process ends."""
         if self.is_running():
             raise ServerError("server already running")
         self._pick_ports()
@@ -212,11 +228,13 @@ class TritonServer:
             start_new_session=True,  # Ctrl-C goes to us; we stop the server in order
             preexec_fn=_die_with_parent,
         )
+        self._shm_regions = set()
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
+        self._note_shm_regions()
         return self
 
     def stop(self) -> None:
@@ -225,7 +243,9 @@ class TritonServer:
         The server unloads its models (ending their stubs) in 2-3 s, but first
         waits up to its exit timeout (5 s) for open HTTP connections: close
         clients, or an idle keep-alive one costs 5 s and a forced unload.
+        Then the /dev/shm regions of its stubs that Triton left behind are removed.
         """
+        self._note_shm_regions()  # also those of models (re)loaded since start
         proc, self._proc = self._proc, None
         if proc is not None:
             proc.terminate()
@@ -235,12 +255,42 @@ class TritonServer:
                 _kill_group(proc.pid)
                 proc.wait()
             _kill_group(proc.pid)  # stubs that outlived a crashed server
+            self._remove_shm_regions()
         if self._log is not None:
             self._log.close()
             self._log = None
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def stub_processes(self) -> dict[str, int]:
+        """Model instance name (e.g. ``unet_part_1_0_0``) -> PID of its live python stub."""
+        if not self.is_running():
+            return {}
+        stubs = {}
+        for pid in child_pids(self._proc.pid):
+            instance = stub_instance_name(pid)
+            if instance is not None:
+                stubs[instance] = pid
+        return stubs
+
+    def reload_model(self, name: str, timeout: float = 30.0) -> None:
+        """Unload then load ``name`` (explicit model control only), e.g. after its stub died.
+
+        A plain load of a model that is loaded and unchanged does nothing in Triton 2.51,
+        so the dead stub would stay; unloading first makes the load start a new one.
+        """
+        import tritonclient.grpc as grpcclient  # client dependency only where used
+
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            client.unload_model(name, client_timeout=timeout)
+            client.load_model(name, client_timeout=timeout)
+        self._note_shm_regions()
+
+    def shm_regions(self) -> set[Path]:
+        """The python-backend /dev/shm regions this server has mapped since it started."""
+        self._note_shm_regions()
+        return set(self._shm_regions)
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_file or not Path(self.log_file).is_file():
@@ -287,6 +337,20 @@ class TritonServer:
             return tree / "backends"
         return Path(self.backend_directory).resolve()
 
+    def _note_shm_regions(self) -> None:
+        # The server maps every stub's region, also the region of a stub that died.
+        if self.is_running():
+            self._shm_regions |= mapped_shm_regions(self._proc.pid)
+
+    def _remove_shm_regions(self) -> None:
+        """Unlink the regions of this server's stubs that outlived it (a dead stub's)."""
+        for region in sorted(self._shm_regions):
+            try:
+                region.unlink()
+            except FileNotFoundError:
+                pass  # Triton removed it: the normal case
+        self._shm_regions = set()
+
     def _wait_ready(self) -> None:
         url = f"http://{self.http_url}/v2/health/ready"
         deadline = time.monotonic() + self.startup_timeout
@@ -308,6 +372,53 @@ def _http_ok(url: str) -> bool:
             return response.status == 200
     except (OSError, http.client.HTTPException):  # not listening yet, or closed on us
         return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (for tritonserver: its python stubs)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def stub_instance_name(pid: int) -> str | None:
+    """The model instance a python stub serves (``<model>_<group>_<index>``), else None.
+
+    The stub's argv: stub binary, model.py path, shm region, two region sizes, parent PID,
+    python backend folder, IPC message size, instance name, runtime (backend) folder.
+    """
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not argv[0].endswith("triton_python_backend_stub") or len(argv) < 9:
+        return None
+    return argv[8]
+
+
+def mapped_shm_regions(pid: int) -> set[Path]:
+    """Python-backend shm regions that ``pid`` maps and that still exist in /dev/shm."""
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    regions = set()
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        path = fields[5] if len(fields) == 6 else ""
+        if path.startswith(f"{SHM_DIR}/") and _STUB_REGION_MARK in path and not path.endswith("(deleted)"):
+            regions.add(Path(path))
+    return regions
+
+
+def stub_shm_files() -> set[Path]:
+    """Every python-backend region in /dev/shm now (any server's)."""
+    try:
+        return {p for p in SHM_DIR.iterdir() if _STUB_REGION_MARK in p.name}
+    except OSError:
+        return set()
 
 
 def _kill_group(pid: int) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from asyncdiff.contract import (
-    INPUT_BY_NAME, INPUTS, MAX_SEED, TRITON_PARAMETERS, NetworkNames, PipelineParams, Request,
-    add_request_arguments,
+    STREAM_INPUTS, INPUT_BY_NAME, INPUTS, MAX_SEED, TRITON_PARAMETERS, NetworkNames, PipelineParams, Request,
+    add_request_arguments, error_kind,
 )
 from export import repository as repo_mod
 from export.triton_config import parse_config, to_pbtxt
@@ -49,11 +49,23 @@ def test_config_parameters_config_round_trip():
 
 
 def test_pipeline_config_io_is_the_contracts():
-    config = repo_mod.pipeline_config(dataclasses.replace(PARAMS, device="cpu"))
-    assert [(i.name, i.optional) for i in config.input] == [(f.name, not f.required) for f in INPUTS]
-    assert {o.name: list(o.dims) for o in config.output} == {"IMAGE": [768, 640, 3],
-                                                             "LATENTS": [4, 96, 80]}
-    assert parameters_of(config)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "yes"
+    """The engine takes the contract's inputs plus PREVIEW_EVERY and answers progress too;
+    the unary model in front of it has exactly the contract's IO and no parameters."""
+    params = dataclasses.replace(PARAMS, device="cpu", max_batch_requests=3, max_queue_size=5)
+    engine, unary = repo_mod.pipeline_config(params), repo_mod.unary_config(params)
+    assert engine.model_transaction_policy.decoupled and not unary.model_transaction_policy.decoupled
+    assert [(i.name, i.optional) for i in engine.input] == \
+        [(f.name, not f.required) for f in STREAM_INPUTS]
+    assert [(i.name, i.optional) for i in unary.input] == [(f.name, not f.required) for f in INPUTS]
+    assert {o.name: list(o.dims) for o in engine.output} == {
+        "IMAGE": [768, 640, 3], "LATENTS": [4, 96, 80], "STEP": [2], "PREVIEW": [768, 640, 3],
+        "ERROR": [1]}
+    assert {o.name: list(o.dims) for o in unary.output} == {"IMAGE": [768, 640, 3],
+                                                            "LATENTS": [4, 96, 80]}
+    assert parameters_of(engine)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "yes"
+    assert not unary.parameters
+    assert unary.instance_group[0].count == 3  # one per request in flight
+    assert unary.dynamic_batching.default_queue_policy.max_queue_size == 5
 
 
 def test_unknown_or_missing_parameter_is_rejected():
@@ -128,3 +140,16 @@ def test_request_arguments_for_client_and_export():
     assert vars(export.parse_args(["--guidance-scale", "2"])) == {
         **{f.field: getattr(Request(), f.field) for f in INPUTS if not f.required},
         "guidance_scale": 2.0}
+
+
+@pytest.mark.parametrize("bad", [dict(prompt=""), dict(seed=-1), dict(steps=0), dict(steps=4, warmup=4),
+                                 dict(guidance_scale=1e9), dict(scheduler="pndm"),
+                                 dict(prompt="x" * 5000)])
+def test_every_request_error_is_classified_invalid_arg(bad):
+    """The unary model restores an engine error's status from its message (error_kind)."""
+    with pytest.raises(ValueError) as err:
+        Request(**{"prompt": "x", **bad}).validate()
+    assert error_kind(str(err.value)) == "INVALID_ARG"
+    assert error_kind("server busy: 4 requests in flight") == "UNAVAILABLE"
+    assert error_kind("cancelled before step 3") == "CANCELLED"
+    assert error_kind("model 'unet_part_1' failed: boom") == "INTERNAL"

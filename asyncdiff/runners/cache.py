@@ -23,12 +23,9 @@ class ActivationCache:
             raise ValueError(
                 f"plan has {plan.components} components but the partition has {partition.num_components}"
             )
-        if partition.layout != "sequential":
-            # Warm-up runs one call per component in order, but the ring component would have to
-            # run twice per warm-up step (its front before component 0, its back after N-2).
-            raise ValueError(
-                f"layout {partition.layout!r} can be planned but not executed yet; use 'sequential'"
-            )
+        if plan.ring != (partition.layout == "outer_ring"):
+            raise ValueError(f"a {'ring' if plan.ring else 'sequential'} plan cannot run a "
+                             f"{partition.layout!r} partition (make_plan(..., ring=...))")
         self.partition = partition
         self.plan = plan
         self.values: dict[str, tuple[int, Any]] = {}  # tensor name -> (step produced, value)
@@ -45,16 +42,17 @@ class ActivationCache:
     def inputs(self, step: int, call: Call, latent: Any) -> dict[str, Any]:
         """Dataflow inputs of ``call``: the latent and cross-component activations.
 
-        Conditioning inputs (timestep, text) are the executor's to add.
+        Conditioning inputs (timestep, text) are the executor's to add.  An outer-ring front
+        call reads only the latent (its back stages' inputs are not computed yet).
         """
         spec = self.partition.components[call.component]
         out = {}
         for t in spec.inputs:
             if t.role == "latent":
                 out[t.name] = latent
-            elif t.producer is not None:
+            elif t.producer is not None and call.section != "front":
                 produced, value = self.values[t.name]
-                if call.component > 0 and produced != call.reads_step:
+                if produced != call.reads_step:
                     raise RuntimeError(
                         f"step {step}: {spec.name} must read {t.name} from step {call.reads_step}, "
                         f"cache holds step {produced}"
@@ -66,7 +64,7 @@ class ActivationCache:
         """Store a finished call's outputs; a stride copy only contributes its noise prediction."""
         st = self.plan.steps[step]
         call = st.calls[position]
-        if NOISE_PRED in outputs:
+        if NOISE_PRED in outputs and call.section != "front":  # a front's is not a prediction
             self.eps[(call.component, call.timestep_index, step)] = outputs[NOISE_PRED]
         if position < len(st.main_calls):
             for name, value in outputs.items():

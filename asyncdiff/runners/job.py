@@ -44,6 +44,7 @@ class RunConfig:
     time_shift: bool = False
     device: str = "cpu"  # "cpu", or "cuda": rank r on CUDA device gpus[r]
     gpus: tuple[int, ...] | None = None  # with "cuda"; default 0..world_size-1
+    layout: str = "sequential"  # or "outer_ring": component N-1 holds the first and last stages
 
     @property
     def placement(self) -> Placement:
@@ -81,7 +82,7 @@ def get_partition(cfg: RunConfig, unet=None) -> Partition:
     if cfg.partition_file:
         return Partition.load(cfg.partition_file)
     key = (cfg.model, cfg.weights_seed, cfg.components, cfg.stride, cfg.batched_stride, cfg.latent,
-           tuple(cfg.cuts or ()))
+           tuple(cfg.cuts or ()), cfg.layout)
     if key not in _PARTITIONS:
         from asyncdiff.configs import load_unet
         from asyncdiff.partition import partition_unet
@@ -91,6 +92,7 @@ def get_partition(cfg: RunConfig, unet=None) -> Partition:
         _PARTITIONS[key] = partition_unet(
             unet, cfg.components, model=cfg.model, batch=2, height=size, width=size,
             stride=cfg.stride, batched_stride=cfg.batched_stride, cuts=cfg.cuts,
+            layout=cfg.layout,
         )
     return _PARTITIONS[key]
 

@@ -170,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="a saved Partition JSON (overrides FLOP balancing)")
     p.add_argument("--cuts", type=_csv, help="comma-separated stage names where components 1..N-1 start "
                                              "(default: FLOP-balanced)")
+    p.add_argument("--layout", default="sequential", choices=("sequential", "outer-ring"),
+                   help="outer-ring: component N-1 holds the first and the last stages")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--scheduler", default="ddim", choices=("ddim", "euler", "dpmsolver++"))
@@ -188,7 +190,7 @@ def config(a: argparse.Namespace) -> RunConfig:
         model=a.model, components=a.components, stride=a.stride, warmup=a.warmup, steps=a.steps,
         batched_stride=a.batched_stride, latent=a.latent, partition_file=a.partition, cuts=a.cuts,
         seed=a.seed, guidance_scale=a.guidance_scale, scheduler=a.scheduler, time_shift=a.time_shift,
-        device=a.device, gpus=a.gpus,
+        device=a.device, gpus=a.gpus, layout=a.layout.replace("-", "_"),
     )
 
 

@@ -32,4 +32,4 @@ class LocalRunner:
     @torch.no_grad()
     def run_wave(self, calls: Sequence["ComponentCall"]) -> list[dict]:
         """Outputs of each call of a wave (this rank's share of it, for the distributed runner)."""
-        return [self.components[c.component].run(c.inputs) for c in calls]
+        return [self.components[c.component].run(c.inputs, c.section) for c in calls]

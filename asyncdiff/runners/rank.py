@@ -45,6 +45,7 @@ class DistributedRunner:
         self.stats = Stats()
         self.mail = Mailbox(self.rank, self.routes, tensor_shapes(self.partition), self.device, self.stats)
         self.owner = self.rank == self.routes.latent_owner
+        self.taken: set = set()  # (step, Msg) handed to the cache
         t0 = time.perf_counter()
         for i in range(gen.steps):
             self.step(i)
@@ -68,16 +69,20 @@ class DistributedRunner:
             mine = [(pos, c) for pos, c in wave if self.placement.rank_of(st, pos) == self.rank]
             produced = {}
             if mine:
-                latent = self._receive(i, latent)
+                latent = self._receive(i, w, latent)
                 produced = self._compute(i, mine, latent)
             self.mail.exchange((i, w), produced)
         remote = self.routes.eps.get(i) if self.owner else None
         if remote is not None:
             gen.cache.receive_noise_pred(i, self.mail.take(remote))
 
-    def _receive(self, i: int, latent):
-        """Hand the tensors this step's calls read to the cache (they arrived in earlier phases)."""
+    def _receive(self, i: int, w: int, latent):
+        """Hand the tensors this step's calls read to the cache, those that arrived in phases
+        before wave ``w`` (the outer ring's back call reads what its front call's wave could not)."""
         for msg in self.routes.needs.get((self.rank, i), ()):
+            if self.routes.phase[msg] >= (i, w) or (i, msg) in self.taken:
+                continue
+            self.taken.add((i, msg))
             value = self.mail.take(msg)
             if msg.name == LATENT:
                 latent = value

@@ -1,24 +1,32 @@
-"""Triton Python-based backend ``asyncdiff_pipeline``: text-to-image with the AsyncDiff schedule.
+"""Triton Python-based backend ``asyncdiff_pipeline``: the AsyncDiff engine behind ``asyncdiff_stream``.
 
-Per request: parse and validate (``asyncdiff.contract``) -> tokenize ->
-``text_encoder`` -> a core ``Generation`` (seeded latents, plan, activation
-cache, guidance, scheduler) whose waves of component calls are sent at once
-(``async_exec`` + ``asyncio.gather``) -> ``vae_decoder``.  Everything but how
-a wave reaches Triton is core code; this file is only the Triton glue.
+A decoupled model with ``async def execute``: the python backend does not wait
+for it, so every request runs as its own task and many are in flight at once.
+Per request: parse and validate (``asyncdiff.contract``), wait for a batch slot
+(``max_batch_requests``; beyond ``max_queue_size`` waiting, "server busy"),
+tokenize -> ``text_encoder`` -> a core ``Generation`` -> ``vae_decoder``.
+Every model call goes through one ``CallBatcher`` (``asyncdiff.batching``):
+the calls of all requests in flight that reach a model in the same wave go
+out as ONE call on their concatenated rows (continuous batching: a request
+joins at its next step, leaves after its last). Responses: one progress
+response per step (STEP = [done, total], PREVIEW every PREVIEW_EVERY steps),
+then the final one (IMAGE, LATENTS, STEP). A request whose client has gone is
+stopped at the next step boundary and frees its slot.
 
-Activations are never converted here: a component's output tensor is named
-like the input it feeds (the producing stage's name), so the response tensor
-object is passed on as the next request's input.  Only the latent going in,
-the timestep (once per timestep index) and the noise prediction coming out
-cross between torch and Triton, through DLPack when they live on a GPU.
+The unary ``asyncdiff`` model (backend ``asyncdiff_unary``) forwards to this
+one; it cancels a forwarded request by sending a request with the parameter
+``cancel`` = that request's id.
 
-Dtypes: every tensor sent is cast to its served dtype (``PipelineParams.dtypes``:
-an fp16 export serves fp16 components beside an fp32 text encoder and VAE);
+Activations are never converted unless two requests' calls are merged: a
+component's output tensor is named like the input it feeds, so the response
+tensor object is passed on. The latent going in, the timestep and the noise
+prediction cross between torch and Triton, through DLPack on a GPU.
+
+Dtypes: every tensor sent is cast to its served dtype (``PipelineParams.dtypes``);
 the noise prediction and the image come back as fp32, so guidance and the
-scheduler never see fp16.  Memory (GPU deployments only): each call asks for its
-outputs on the device that consumes them (``Placement.output_gpus``), so an
-activation goes GPU k -> its reader's GPU, not through the pipeline's GPU;
-timesteps stay host tensors.  On the CPU no call states a preferred memory.
+scheduler never see fp16. Memory (GPU deployments only): each call asks for its
+outputs on the device that consumes them (``Placement.output_gpus``); timesteps
+stay host tensors. On the CPU no call states a preferred memory.
 """
 
 import asyncio
@@ -29,7 +37,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from asyncdiff.contract import PipelineParams, Request
+from asyncdiff.batching import CallBatcher, ModelCall
+from asyncdiff.contract import (
+    BUSY_MESSAGE, CANCELLED_MESSAGE, PREVIEW_EVERY, PipelineParams, Request,
+)
 from asyncdiff.generation import Generation, latent_input
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
@@ -37,10 +48,20 @@ from asyncdiff.pipeline import cfg_token_ids, to_uint8_image
 
 TEXT_STATES = "encoder_hidden_states"  # the components' name of the text encoder's output
 HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+DEAD_STUB = "is not healthy"  # the python backend's error for a model whose stub died
 
 
 class ComponentError(RuntimeError):
     """A model called by the pipeline failed or timed out."""
+
+
+class Refused(Exception):
+    """A request answered with an error before or between steps (code, message)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 class TritonPythonModel:
@@ -73,73 +94,132 @@ class TritonPythonModel:
         self.memory = {c.name: _memory(gpu) for c, gpu in zip(part.components,
                                                               place.output_gpus(part.components))}
         self.pipeline_memory = _memory(place.output_gpu())
+        self.batcher = CallBatcher(self._infer, rows=lambda t: t.shape()[0], concat=self._concat,
+                                   split=self._split, max_rows=p.max_batch_sizes,
+                                   separate_repeats=part.stride == 2 and not part.batched_stride)
+        self.slots = asyncio.Semaphore(p.max_batch_requests)
+        self.waiting = 0  # requests parsed and waiting for a slot
+        self.running: set[str] = set()  # request ids in flight
+        self.cancelled: set[str] = set()  # ... whose forwarder asked to stop
+        self.tasks: set[asyncio.Task] = set()
         self.orphans = set()  # component calls that timed out but are still running in Triton
+        self.reloads: dict[str, asyncio.Future] = {}  # models being reloaded after a crash
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
 
     async def execute(self, requests):
-        return await asyncio.gather(*(self._respond(r) for r in requests))
+        for request in requests:  # decoupled: answered through each request's response sender
+            task = asyncio.ensure_future(self._serve(request))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return None
 
     def finalize(self):
+        for task in list(self.tasks):
+            task.cancel()
         self.tokenizer = None
 
     # -- one request ---------------------------------------------------------
-    async def _respond(self, request):
-        try:  # only parsing and validation are the client's to fix
-            req = Request.from_inputs(lambda name: _input(request, name), self.params.defaults)
-            ids = cfg_token_ids(self.tokenizer, req)
-        except ValueError as exc:
-            return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+    async def _serve(self, request):
+        sender = request.get_response_sender()
         try:
-            image, latents = await self._generate(req, ids)
+            response = await self._respond(request, sender)
+        except Refused as exc:
+            response = _error(str(exc), exc.code)
         except ComponentError as exc:
-            return _error(str(exc), pb_utils.TritonError.INTERNAL)
+            response = _error(str(exc), pb_utils.TritonError.INTERNAL)
         except Exception as exc:  # a server-side fault fails this request only, not its batch-mates
             pb_utils.Logger.log_error(f"asyncdiff: {type(exc).__name__}: {exc}")
-            return _error(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("IMAGE", image),
-            pb_utils.Tensor("LATENTS", latents[0].cpu().numpy().astype(np.float32)),
-        ])
+            response = _error(f"internal error: {type(exc).__name__}: {exc}",
+                              pb_utils.TritonError.INTERNAL)
+        if response.has_error() and _parameters(request).get("error_output"):
+            # An error response after progress responses never reaches a BLS caller (the
+            # unary model) in Triton 2.51, so it gets the message as a tensor instead.
+            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                "ERROR", np.array([response.error().message().encode()], dtype=np.object_))])
+        sender.send(response, flags=FINAL)
 
-    async def _generate(self, req: Request, ids: np.ndarray):
+    async def _respond(self, request, sender):
+        cancel = _parameters(request).get("cancel")
+        if cancel is not None:  # a control request from the unary forwarder
+            if cancel in self.running:
+                self.cancelled.add(cancel)
+            return pb_utils.InferenceResponse(output_tensors=[])
+        try:  # only parsing and validation are the client's to fix
+            req = Request.from_inputs(lambda name: _input(request, name), self.params.defaults)
+            preview_every = _preview_every(_input(request, PREVIEW_EVERY.name), req.steps)
+            ids = cfg_token_ids(self.tokenizer, req)
+        except ValueError as exc:
+            raise Refused(str(exc), pb_utils.TritonError.INVALID_ARG) from None
+        p = self.params
+        if self.slots.locked() and self.waiting >= p.max_queue_size:
+            raise Refused(f"{BUSY_MESSAGE}: {p.max_batch_requests} requests in flight and "
+                          f"{self.waiting} waiting (max_queue_size {p.max_queue_size}); retry later",
+                          pb_utils.TritonError.UNAVAILABLE)
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        rid = request.request_id()
+        self.running.add(rid)
+        try:
+            return await self._generate(request, sender, req, ids, preview_every)
+        finally:
+            self.running.discard(rid)
+            self.cancelled.discard(rid)
+            self.slots.release()
+
+    async def _generate(self, request, sender, req, ids, preview_every):
+        outputs = set(request.requested_output_names()) or {"IMAGE", "LATENTS", "STEP"}
+        self._check_cancelled(request, 0)
         text = await self._encode(ids)
         gen = Generation(self.partition, [req], {TEXT_STATES: text}, self.scheduler_config,
                          device=self.device, to_executor=self._to_triton, from_executor=self._noise_pred)
         sent: set[int] = set()
-        latents = await gen.run_async(lambda calls: self._wave(calls, sent))
-        return await self._decode(latents), latents
+        async with self.batcher.member() as member:  # await nothing but member.run in here
+            for i in range(gen.steps):
+                self._check_cancelled(request, i)
+                for wave in gen.waves(i):
+                    gen.record(wave, await member.run(_fresh(wave, sent)))
+                gen.advance(i)
+                progress = [pb_utils.Tensor("STEP", np.array([i + 1, gen.steps], np.int32))]
+                if preview_every and (i + 1) % preview_every == 0 and i + 1 < gen.steps \
+                        and "PREVIEW" in outputs:
+                    progress.append(pb_utils.Tensor("PREVIEW", await self._decode(gen.latents, member)))
+                if i + 1 < gen.steps:
+                    sender.send(pb_utils.InferenceResponse(
+                        output_tensors=[t for t in progress if t.name() in outputs]))
+        image = await self._decode(gen.latents)
+        final = [pb_utils.Tensor("IMAGE", image),
+                 pb_utils.Tensor("LATENTS", gen.latents[0].cpu().numpy().astype(np.float32)),
+                 pb_utils.Tensor("STEP", np.array([gen.steps, gen.steps], np.int32))]
+        return pb_utils.InferenceResponse(output_tensors=[t for t in final if t.name() in outputs])
+
+    def _check_cancelled(self, request, step):
+        if request.is_cancelled() or request.request_id() in self.cancelled:
+            pb_utils.Logger.log_info(f"asyncdiff: request cancelled before step {step}")
+            raise Refused(f"{CANCELLED_MESSAGE} before step {step}", pb_utils.TritonError.CANCELLED)
 
     # -- model calls ---------------------------------------------------------
-    async def _wave(self, calls, sent: set[int]):
-        # Tensors are shared between calls (the text states by every call, a timestep by the
-        # calls of one timestep, a skip by two readers). One Tensor object in two requests is
-        # not safe: two calls of one model batched together got it corrupted ("input byte size
-        # mismatch"). So every request gets Tensor objects no earlier request of this
-        # generation was given; a repeat is copied (small: timesteps, text states, skips).
-        requests = []
-        for c in calls:
-            tensors = [_copy(t) if id(t) in sent else t for t in c.inputs.values()]
-            sent.update(id(t) for t in tensors)
-            requests.append(self._infer(c.model, tensors, c.output_names, self.memory[c.model]))
-        return await asyncio.gather(*requests)
-
     async def _encode(self, ids: np.ndarray):
         """[uncond; cond] text states as the components' input tensor."""
         net = self.params.text_encoder
-        out = (await self._infer(net.model, [pb_utils.Tensor(net.input, ids)], [net.output],
-                                 self.pipeline_memory))[net.output]
+        call = ModelCall(net.model, {net.input: pb_utils.Tensor(net.input, ids)}, [net.output])
+        out = (await self.batcher.run([call]))[0][net.output]
         if self.dtypes.get(net.output) == self.dtypes.get(TEXT_STATES):  # renaming will do
             return pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())
         return self._to_triton(TEXT_STATES, _to_torch(out, self.device))
 
-    async def _decode(self, latents):
+    async def _decode(self, latents, member=None):
+        """The first latent as a uint8 image ([H, W, 3])."""
         net = self.params.vae_decoder
-        z = self._to_triton(net.input, latents / self.params.vae_scaling_factor)
-        out = await self._infer(net.model, [z], [net.output], self.pipeline_memory)
+        z = self._to_triton(net.input, latents[:1] / self.params.vae_scaling_factor)
+        calls = [ModelCall(net.model, {net.input: z}, [net.output])]
+        out = (await (member.run(calls) if member else self.batcher.run(calls)))[0]
         image = to_uint8_image(_to_torch(out[net.output], torch.device("cpu")).float())
         if image.shape != tuple(self.params.image_shape):  # a server-side fault: INTERNAL
             raise ValueError(f"{net.model} returned an image of shape {list(image.shape)}, "
-                               f"expected image_shape {list(self.params.image_shape)}")
+                             f"expected image_shape {list(self.params.image_shape)}")
         return image
 
     def _to_triton(self, name, tensor):
@@ -156,9 +236,45 @@ class TritonPythonModel:
     def _noise_pred(self, tensor):
         return _to_torch(tensor, self.device)  # Generation casts it to fp32 for the scheduler
 
-    async def _infer(self, model, tensors, outputs, memory):
-        request = pb_utils.InferenceRequest(
-            model_name=model, inputs=tensors, requested_output_names=outputs, **memory)
+    def _concat(self, name, tensors):
+        """Rows of several requests' tensors as one tensor, where the first one lives."""
+        device = _device(tensors[0])
+        return _from_torch(name, torch.cat([_to_torch(t, device) for t in tensors]))
+
+    def _split(self, name, tensor, sizes):
+        rows = torch.split(_to_torch(tensor, _device(tensor)), sizes)
+        return [_from_torch(name, r.contiguous()) for r in rows]
+
+    async def _infer(self, model, inputs, outputs):
+        try:
+            return await self._infer_once(model, inputs, outputs)
+        except ComponentError as exc:
+            if DEAD_STUB not in str(exc):
+                raise
+        # The model's stub process died (killed, out of memory): reload it and retry once.
+        # Reloading needs explicit model control (python -m serve and the container use it).
+        await self._reload(model)
+        return await self._infer_once(model, {n: _copy(t) for n, t in inputs.items()}, outputs)
+
+    async def _reload(self, model):
+        if model not in self.reloads:  # concurrent failures of one model share one reload
+            self.reloads[model] = asyncio.ensure_future(self._do_reload(model))
+            self.reloads[model].add_done_callback(lambda _: self.reloads.pop(model, None))
+        await asyncio.shield(self.reloads[model])
+
+    async def _do_reload(self, model):
+        pb_utils.Logger.log_warn(f"asyncdiff: the stub of '{model}' died; reloading it")
+        try:  # blocking calls: this loop waits a few seconds, as do its requests
+            pb_utils.unload_model(model)
+            pb_utils.load_model(model)
+        except Exception as exc:
+            raise ComponentError(f"model '{model}' died and could not be reloaded: {exc}") from None
+        pb_utils.Logger.log_warn(f"asyncdiff: '{model}' reloaded; retrying its call")
+
+    async def _infer_once(self, model, inputs, outputs):
+        memory = self.memory.get(model, self.pipeline_memory)
+        request = pb_utils.InferenceRequest(model_name=model, inputs=list(inputs.values()),
+                                            requested_output_names=list(outputs), **memory)
         future = asyncio.ensure_future(request.async_exec())
         timeout = self.params.component_timeout_s
         try:
@@ -172,6 +288,31 @@ class TritonPythonModel:
         if response.has_error():
             raise ComponentError(f"model '{model}' failed: {response.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
+
+
+def _fresh(calls, sent: set[int]):
+    """The wave with every Tensor object that an earlier call of this generation was given
+    replaced by a copy. Tensors are shared between calls (the text states by every call, a
+    timestep by the calls of one timestep, a skip by two readers), and one Tensor object in
+    two requests is not safe: batched into one execution it arrived corrupted ("input byte
+    size mismatch")."""
+    for c in calls:
+        c.inputs = {n: _copy(t) if id(t) in sent else t for n, t in c.inputs.items()}
+        sent.update(id(t) for t in c.inputs.values())
+    return calls
+
+
+def _parameters(request):
+    return json.loads(request.parameters() or "{}")
+
+
+def _preview_every(array, steps):
+    if array is None:
+        return 0
+    value = PREVIEW_EVERY.parse(array)
+    if not 0 <= value <= steps:
+        raise ValueError(f"PREVIEW_EVERY must be in [0, STEPS={steps}], got {value}")
+    return value
 
 
 def _memory(gpu):
@@ -197,6 +338,16 @@ def _copy(tensor):
         return pb_utils.Tensor(tensor.name(), np.array(tensor.as_numpy()))
     data = torch.from_dlpack(tensor.to_dlpack()).clone()
     return pb_utils.Tensor.from_dlpack(tensor.name(), torch.utils.dlpack.to_dlpack(data))
+
+
+def _device(tensor):
+    return torch.device("cpu") if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack()).device
+
+
+def _from_torch(name, tensor):
+    if tensor.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
+    return pb_utils.Tensor(name, tensor.numpy())
 
 
 def _to_torch(tensor, device):

@@ -71,3 +71,24 @@ def test_speed_smoke(tmp_path, capsys):
     assert variants["n2s1"]["cross_bytes_per_round_fp32"] > 0
     assert variants["n2s1"]["bytes_sent_per_step"] > 0
     assert len(variants["n2s1"]["weight_bytes_per_rank"]) == 2
+
+
+def test_sdxl_configurations_are_projected_from_measured_stage_times():
+    from asyncdiff.cost import project
+    from asyncdiff.placement import Placement
+
+    res = speed.sdxl_projections(model="sdxl", latent=16, steps=50, repeats=1,
+                                 configs=((2, 1, 1), (3, 2, 9)))
+    assert res["unet_call_s"] > 0 and len(res["stage_s"]) == 22
+    rows = {(c["name"], c["layout"]): c for c in res["configs"]}
+    assert set(rows) == {(n, layout) for n in ("N2S1 w1", "N3S2 w9")
+                         for layout in ("outer_ring", "sequential")}
+    ring = rows[("N3S2 w9", "outer_ring")]
+    assert ring["devices"] == 4 and len(ring["component_s"]) == 3
+    # the ring's warm-up front is part of the ring: charging the whole ring costs more
+    assert 0 < ring["front_s"][-1] < ring["component_s"][-1]
+    assert ring["projected_measured"] > ring["projected_measured_whole_ring_warmup"] > 1
+    seq = rows[("N2S1 w1", "sequential")]
+    expected = project(make_plan(50, 2, 1, 1), Placement(2), seq["component_s"]).speedup
+    assert seq["projected_measured"] == pytest.approx(expected)
+    assert "| N3S2 w9 | 4 | outer-ring |" in speed.sdxl_table(res)

@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from asyncdiff.components import build_components
 from asyncdiff.configs import load_unet, resolve
 from asyncdiff.contract import (
-    INPUTS, MODEL_NAME, NUMPY_DTYPES, PIPELINE_BACKEND, TRITON_PARAMETERS, PipelineParams, Request,
+    INPUTS, MODEL_NAME, NUMPY_DTYPES, PIPELINE_BACKEND, STREAM_MODEL_NAME, UNARY_BACKEND, TRITON_PARAMETERS, PipelineParams, Request,
 )
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
@@ -36,6 +36,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 torch.set_num_threads(1)
 HAVE_TINY = (MODEL_DIR / "unet" / "config.json").exists()
 HAVE_PIPELINE_BACKEND = (PROJECT_BACKENDS / PIPELINE_BACKEND / "model.py").is_file()
+PIPELINE = (STREAM_MODEL_NAME, MODEL_NAME)  # the engine, then the unary model in front of it
 # A UNet-only source (components but no text encoder/VAE): the tiny UNet folder exports fastest.
 UNET_ONLY = str(MODEL_DIR / "unet") if HAVE_TINY else "sd15"
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="asyncdiff/tiny/model is not there yet")
@@ -73,7 +74,8 @@ def serve(repo, log_dir, models) -> TritonServer:
 def test_configs_round_trip(tiny_repos, key):
     configs = repo_mod.read_configs(tiny_repos[key])
     n, s, _ = TINY_REPOS[key]
-    expected = {f"unet_part_{k}" for k in range(n)} | {"text_encoder", "vae_decoder", "asyncdiff"}
+    expected = {f"unet_part_{k}" for k in range(n)} | {"text_encoder", "vae_decoder", "asyncdiff",
+                                                                 "asyncdiff_stream"}
     assert set(configs) == expected
     for name, config in configs.items():
         text = (tiny_repos[key] / name / "config.pbtxt").read_text()
@@ -93,13 +95,15 @@ def test_configs_round_trip(tiny_repos, key):
 @needs_tiny
 def test_pipeline_model_config_and_files(tiny_repos):
     repo = tiny_repos["N2-S2"]
-    config = repo_mod.read_configs(repo)[MODEL_NAME]
-    assert config.backend == PIPELINE_BACKEND and config.max_batch_size == 0
-    inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input}
+    configs = repo_mod.read_configs(repo)
+    unary, config = configs[MODEL_NAME], configs[STREAM_MODEL_NAME]
+    assert unary.backend == UNARY_BACKEND and unary.max_batch_size == 0
+    inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in unary.input}
     assert inputs == {f.name: (triton_dtype(NUMPY_DTYPES[f.dtype]), [1], not f.required)
                       for f in INPUTS}
-    outputs = {o.name: (mc.DataType.Name(o.data_type), list(o.dims)) for o in config.output}
+    outputs = {o.name: (mc.DataType.Name(o.data_type), list(o.dims)) for o in unary.output}
     assert outputs == {"IMAGE": ("TYPE_UINT8", [16, 16, 3]), "LATENTS": ("TYPE_FP32", [4, 16, 16])}
+    assert config.backend == PIPELINE_BACKEND and config.model_transaction_policy.decoupled
     params = repo_mod.pipeline_params(config)
     written = {k: v.string_value for k, v in config.parameters.items()}
     # Everything written is read back (config -> parameters -> config), nothing else is written.
@@ -109,8 +113,11 @@ def test_pipeline_model_config_and_files(tiny_repos):
         component_models=("unet_part_0", "unet_part_1"), latent_shape=(4, 16, 16),
         image_shape=(16, 16, 3), vae_scaling_factor=params.vae_scaling_factor,
         defaults=Request(negative_prompt="blurry", steps=12, scheduler="euler"),
-        component_timeout_s=30.0)  # fp32 on the CPU: the contract's default dtypes and device
-    version = repo / MODEL_NAME / "1"
+        component_timeout_s=30.0,  # fp32 on the CPU: the contract's default dtypes and device
+        max_batch_requests=4, max_queue_size=16,  # 8 rows: 4 requests x CFG (plain S=2: two lanes)
+        max_batch_sizes={m: 8 for m in ("unet_part_0", "unet_part_1", "text_encoder",
+                                        "vae_decoder")})
+    version = repo / STREAM_MODEL_NAME / "1"
     part = Partition.load(version / params.partition_file)
     assert (part.num_components, part.stride) == (2, 2)
     assert (version / params.scheduler_config_file).is_file()
@@ -130,7 +137,7 @@ def servers(tiny_repos, tmp_path_factory):
     def get(key: str) -> TritonServer:
         if key not in started:
             repo = tiny_repos[key]
-            networks = [m for m in sorted(repo_mod.read_configs(repo)) if m != MODEL_NAME]
+            networks = [m for m in sorted(repo_mod.read_configs(repo)) if m not in PIPELINE]
             started[key] = serve(repo, tmp_path_factory.mktemp(f"log-{key}"), networks).start()
         return started[key]
 
@@ -143,8 +150,7 @@ def servers(tiny_repos, tmp_path_factory):
 @pytest.mark.parametrize("key", list(TINY_REPOS))
 def test_repository_loads_in_real_triton(tiny_repos, servers, key):
     client = httpclient.InferenceServerClient(servers(key).http_url)
-    networks = [m for m in sorted(repo_mod.read_configs(tiny_repos[key]))
-                if m != MODEL_NAME]
+    networks = [m for m in sorted(repo_mod.read_configs(tiny_repos[key])) if m not in PIPELINE]
     assert {m: client.is_model_ready(m) for m in networks} == {m: True for m in networks}
 
 
@@ -159,8 +165,9 @@ def test_served_component_matches_torch(tiny_repos, servers):
 @pytest.mark.parametrize("key", list(TINY_REPOS))
 def test_pipeline_model_loads(servers, key):
     client = httpclient.InferenceServerClient(servers(key).http_url)
-    client.load_model(MODEL_NAME)
-    assert client.is_model_ready(MODEL_NAME)
+    for model in PIPELINE:  # the engine first: the unary model forwards to it
+        client.load_model(model)
+        assert client.is_model_ready(model)
 
 
 @needs_tiny
@@ -168,8 +175,9 @@ def test_pipeline_model_loads(servers, key):
 @pytest.mark.parametrize("key", list(TINY_REPOS))
 def test_pipeline_generates_from_exported_repository(servers, key):
     client = httpclient.InferenceServerClient(servers(key).http_url, network_timeout=300)
-    if not client.is_model_ready(MODEL_NAME):
-        client.load_model(MODEL_NAME)
+    for model in PIPELINE:
+        if not client.is_model_ready(model):
+            client.load_model(model)
     prompt = httpclient.InferInput("PROMPT", [1], "BYTES")
     prompt.set_data_from_numpy(np.array([b"a three"], dtype=object))
     steps = httpclient.InferInput("STEPS", [1], "INT32")
@@ -183,7 +191,7 @@ def test_pipeline_generates_from_exported_repository(servers, key):
 
 def check_served_component(client, repo) -> None:
     """unet_part_1 through Triton (onnxruntime in the stub) == the torch component."""
-    part = Partition.load(repo / "asyncdiff" / "1" / "partition.json")
+    part = Partition.load(repo / STREAM_MODEL_NAME / "1" / "partition.json")
     graph = build_stage_graph(load_unet(resolve("tiny")))
     component = build_components(graph, part)[1]
     sampler = InterfaceSampler(graph, part.latent_height, part.latent_width, seed=7)

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from asyncdiff.contract import MODEL_NAME
+from asyncdiff.contract import STREAM_MODEL_NAME
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
 from export import cli
@@ -92,13 +92,13 @@ def test_dynamic_batch_configs_are_pinned_and_have_no_cuda_graphs(fp16_repo):
         assert [(g.kind, list(g.gpus)) for g in config.instance_group] == [
             (mc.ModelInstanceGroup.KIND_GPU, gpus)]
         assert not config.optimization.cuda.graphs  # several shapes: no single graph
-    pipeline = repo_mod.pipeline_params(configs[MODEL_NAME])
+    pipeline = repo_mod.pipeline_params(configs[STREAM_MODEL_NAME])
     assert pipeline.device == "cuda:4"  # the BLS beside component 0
     assert pipeline.dtypes["sample"] == "float16" and pipeline.dtypes["latents"] == "float32"
-    assert configs[MODEL_NAME].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    assert configs[STREAM_MODEL_NAME].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     # Preferred memory per call, as the BLS derives it from these parameters: component 0's
     # outputs on component 1's GPU, the noise prediction and text/VAE outputs on the pipeline's.
-    part = Partition.load(fp16_repo / MODEL_NAME / "1" / "partition.json")
+    part = Partition.load(fp16_repo / STREAM_MODEL_NAME / "1" / "partition.json")
     place = Placement(part.num_components, part.stride, part.batched_stride, pipeline.gpus)
     assert pipeline.gpus == (4, 5)
     assert place.output_gpus(part.components) == (5, 4) and place.output_gpu() == 4
@@ -119,7 +119,7 @@ def test_static_plans_get_cuda_graphs(static_repo):
 def test_deployment_records_the_cuda_pool_for_the_gpus_used(fp16_repo):
     info = json.loads((fp16_repo / deployment.FILE).read_text())
     assert info["gpus"] == [4, 5] and (info["batch"], info["max_batch"]) == (2, 8)
-    part = Partition.load(fp16_repo / MODEL_NAME / "1" / "partition.json")
+    part = Partition.load(fp16_repo / STREAM_MODEL_NAME / "1" / "partition.json")
     assert info["bytes_per_round"] == part.cross_bytes(2)  # fp16 interface tensors
     assert info["cuda_memory_pool_bytes"] == deployment.cuda_pool_bytes(
         part.cross_bytes(2), 2, 8)

@@ -92,7 +92,8 @@ def test_cuda_pool_flags_come_from_the_exported_repository(run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     (server,) = calls  # exported before: no export, straight to the server
     pool = 504 << 20
-    assert server == (f"tritonserver --model-repository={repo} --cuda-memory-pool-byte-size=0:{pool} "
+    assert server == (f"tritonserver --model-repository={repo} --model-control-mode=explicit "
+                      f"--load-model=* --cuda-memory-pool-byte-size=0:{pool} "
                       f"--cuda-memory-pool-byte-size=1:{pool} --log-verbose=1")
     proc, calls = run(2, CUDA_MEMORY_POOL_MB="1024")
     assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ from serve.launcher import PROJECT_BACKENDS, ServerError, wheel_server_tree
 
 # What the doc tells you to copy: source in this repository -> path under the backend directory.
 RECIPE = {PROJECT_BACKENDS / name / "model.py": f"{name}/model.py"
-          for name in ("asyncdiff_pipeline", "asyncdiff_component")}
+          for name in ("asyncdiff_pipeline", "asyncdiff_unary", "asyncdiff_component")}
 
 
 def stock_backend_directory(root):

@@ -1,0 +1,196 @@
+"""Continuous batching of model calls across concurrent generations (asyncio, no Triton).
+
+Every request runs its own ``Generation`` in its own coroutine and hands each
+wave of component calls to the ``CallBatcher``. The batcher fires a *tick*
+once every member (a generation between its first and its last wave) has a
+wave waiting; the tick's calls are grouped by model and each group becomes ONE
+call on the concatenated rows, whose outputs are split back per caller. So
+however many requests are in flight, at whatever step, each model gets one
+call per tick. A request joins at its next wave (step granularity) and leaves
+after its last one. Calls from outside a membership (the text encoder before
+the first step, the VAE after the last) ride with the next tick, or go at once
+when no member is waiting.
+
+Timeline, N=2 and one warm-up step: B joins while A is at step 3::
+
+    tick        1            2              3
+    A           s3: c0 c1    s4: c0 c1      s5: c0 c1
+    B           (encoding)   s0: c0         s0: c1       (warm-up: one call per wave)
+    calls       c0[A] c1[A]  c0[A+B] c1[A]  c0[A] c1[A+B]
+
+Values are the executor's (Triton tensors in the BLS, torch in-process); the
+executor passes ``rows``, ``concat`` and ``split`` for them. Rows are kept in
+submission order. A model whose group would exceed its maximum batch is called
+several times, each within the limit. Two calls of one caller to one model in
+one tick (the stride pair of the last component with S=2) are merged too,
+which is batched stride; with ``separate_repeats`` they stay two calls (lanes),
+each batched across callers, so plain S=2 keeps its two instances busy.
+
+Rule for members: inside ``member()`` await nothing but ``Member.run`` (a
+member awaiting anything else would hold every tick back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# execute(model, inputs by name, output names) -> outputs by name
+Execute = Callable[[str, Mapping[str, Any], Sequence[str]], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One call a generation wants: ``model`` on ``inputs`` (each with a leading batch dim)."""
+
+    model: str
+    inputs: Mapping[str, Any]
+    output_names: Sequence[str]
+
+
+@dataclass
+class _Pending:
+    call: ModelCall
+    future: asyncio.Future
+    member: object | None
+    lane: int = 0
+
+
+@dataclass
+class TickStats:
+    """What the batcher did: ticks fired, model calls made, calls asked for, rows per model call."""
+
+    ticks: int = 0
+    model_calls: int = 0
+    requested_calls: int = 0
+    rows: list[int] = field(default_factory=list)
+
+
+class CallBatcher:
+    def __init__(self, execute: Execute, rows: Callable[[Any], int],
+                 concat: Callable[[str, list[Any]], Any],
+                 split: Callable[[str, Any, list[int]], list[Any]],
+                 max_rows: Mapping[str, int] | None = None, separate_repeats: bool = False):
+        self._execute, self._rows, self._concat, self._split = execute, rows, concat, split
+        self._max_rows = dict(max_rows or {})
+        self._separate_repeats = separate_repeats
+        self._pending: list[_Pending] = []
+        self._members: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.stats = TickStats()
+
+    # -- the callers' side -----------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def member(self):
+        """A generation's membership: ticks wait for its waves until it leaves."""
+        m = Member(self)
+        self._members.add(id(m))
+        try:
+            yield m
+        finally:
+            self._members.discard(id(m))
+            self._wake.set()
+
+    async def run(self, calls: Sequence[ModelCall], member: "Member | None" = None) -> list[Mapping]:
+        """Outputs of ``calls`` (one mapping each), made in the next tick."""
+        self._ensure_dispatcher()
+        loop = asyncio.get_running_loop()
+        seen: dict[str, int] = {}
+        pending = []
+        for c in calls:
+            lane = seen.get(c.model, 0) if self._separate_repeats else 0
+            seen[c.model] = seen.get(c.model, 0) + 1
+            pending.append(_Pending(c, loop.create_future(), None if member is None else id(member),
+                                    lane))
+        self._pending.extend(pending)
+        self._wake.set()
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- the dispatcher --------------------------------------------------------
+    def _ensure_dispatcher(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._dispatch())
+
+    def _ready(self) -> bool:
+        if not self._pending:
+            return False
+        waiting = {p.member for p in self._pending if p.member is not None}
+        return waiting >= self._members  # every member has its wave in
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._ready():
+                continue
+            tick, self._pending = self._pending, []
+            await self._fire(tick)
+
+    async def _fire(self, tick: list[_Pending]) -> None:
+        self.stats.ticks += 1
+        self.stats.requested_calls += len(tick)
+        groups: dict[tuple[str, int], list[_Pending]] = {}
+        for p in tick:
+            groups.setdefault((p.call.model, p.lane), []).append(p)
+        chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
+        await asyncio.gather(*(self._call(chunk) for chunk in chunks))
+
+    def _chunks(self, group: list[_Pending]) -> list[list[_Pending]]:
+        limit = self._max_rows.get(group[0].call.model)
+        chunks, rows = [[]], 0
+        for p in group:
+            n = self._call_rows(p.call)
+            if chunks[-1] and limit is not None and rows + n > limit:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(p)
+            rows += n
+        return chunks
+
+    def _call_rows(self, call: ModelCall) -> int:
+        return self._rows(next(iter(call.inputs.values())))
+
+    async def _call(self, chunk: list[_Pending]) -> None:
+        first = chunk[0].call
+        sizes = [self._call_rows(p.call) for p in chunk]
+        self.stats.model_calls += 1
+        self.stats.rows.append(sum(sizes))
+        try:
+            if len(chunk) == 1:  # nothing to merge: the values go as they are
+                outputs = [await self._execute(first.model, first.inputs, first.output_names)]
+            else:
+                inputs = {name: self._concat(name, [p.call.inputs[name] for p in chunk])
+                          for name in first.inputs}
+                merged = await self._execute(first.model, inputs, first.output_names)
+                parts = {name: self._split(name, merged[name], sizes) for name in first.output_names}
+                outputs = [{name: parts[name][i] for name in first.output_names}
+                           for i in range(len(chunk))]
+        except Exception as exc:  # every caller of this call gets the error
+            for p in chunk:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        for p, out in zip(chunk, outputs):
+            if not p.future.done():
+                p.future.set_result(out)
+
+
+class Member:
+    """A membership handle: ``await m.run(calls)`` for each wave."""
+
+    def __init__(self, batcher: CallBatcher):
+        self._batcher = batcher
+
+    async def run(self, calls: Sequence[ModelCall]) -> list[Mapping]:
+        return await self._batcher.run(calls, member=self)

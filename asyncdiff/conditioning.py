@@ -1,0 +1,238 @@
+"""The conditioning a denoiser takes, built from text encoder outputs as diffusers builds it.
+
+Torch only (no Triton, no diffusers at run time), so the in-process pipeline
+and the Triton BLS build the same tensors from the same encoder outputs.
+
+Two families:
+
+* ``sd`` (SD 1.x / 2.x): one CLIP text encoder; the denoiser takes its
+  ``last_hidden_state`` as ``encoder_hidden_states``.
+* ``sdxl``: two text encoders (CLIP ViT-L and OpenCLIP bigG with a
+  projection).  As ``StableDiffusionXLPipeline.encode_prompt`` and
+  ``_get_add_time_ids`` do: ``encoder_hidden_states`` is the concatenation
+  (last dim) of both encoders' penultimate hidden states; ``text_embeds`` is
+  the second encoder's projected pooled output; ``time_ids`` is
+  ``original_size + crops_coords_top_left + target_size``.  With
+  ``force_zeros_for_empty_prompt`` an empty negative prompt gives zero
+  negative text states and zero negative pooled embeddings (diffusers does so
+  when ``negative_prompt`` is None; an empty NEGATIVE_PROMPT is how a request
+  leaves it out).
+
+Which tensors a partition's components need is read from their input roles
+(``denoiser_conditioning``), so one code path serves both families.
+
+Every batch here is a classifier-free guidance pair ``[negative; prompt]``
+(batch 2); ``asyncdiff.generation.cfg_batch`` lays out B such pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asyncdiff.contract import INPUT_BY_FIELD, IOField, Request, token_limit_message
+from asyncdiff.partition import CONDITIONING_ROLES, Partition
+
+SD, SDXL = "sd", "sdxl"
+KINDS = (SD, SDXL)
+# Component input names of the conditioning (asyncdiff.stages / asyncdiff.partition).
+TEXT_STATES, TEXT_EMBEDS, TIME_IDS = "encoder_hidden_states", "text_embeds", "time_ids"
+# Graph output names of the exported text encoders (export/onnx_export.py uses these).
+LAST_HIDDEN, PENULTIMATE, POOLED = "last_hidden_state", "penultimate_hidden_state", "text_embeds"
+
+ROLE_DESCRIPTIONS = {
+    "text": "text states [2B, 77, D]: SD: the text encoder's last_hidden_state; SDXL: both "
+            "encoders' penultimate hidden states concatenated on the last dim",
+    "text_embeds": "pooled text embedding [2B, P]: text_encoder_2's projected pooled output "
+                   "(SDXL added conditioning)",
+    "time_ids": "[2B, 6] original_size + crops_coords_top_left + target_size, pixels as floats "
+                "(SDXL added conditioning)",
+}
+
+
+@dataclass(frozen=True)
+class ConditioningTensor:
+    """One conditioning input of the denoiser's components: what the pipeline must supply."""
+
+    name: str  # component input name
+    role: str  # asyncdiff.partition.CONDITIONING_ROLES
+    shape: tuple[int, ...]  # batch first, at the partition's batch
+    description: str
+
+
+def denoiser_conditioning(partition: Partition) -> tuple[ConditioningTensor, ...]:
+    """The conditioning inputs of the partition's components (each once, first-use order)."""
+    seen: dict[str, ConditioningTensor] = {}
+    for comp in partition.components:
+        for t in comp.inputs:
+            if t.role in CONDITIONING_ROLES and t.name not in seen:
+                seen[t.name] = ConditioningTensor(t.name, t.role, tuple(t.shape),
+                                                  ROLE_DESCRIPTIONS.get(t.role, t.role))
+    return tuple(seen.values())
+
+
+def conditioning_kind(partition: Partition) -> str:
+    """``sd`` or ``sdxl`` from the component input roles; other denoisers are not served."""
+    roles = {t.role for t in denoiser_conditioning(partition)}
+    if roles <= {"text"}:
+        return SD
+    if roles == {"text", "text_embeds", "time_ids"}:
+        return SDXL
+    raise ValueError(f"no text-to-image conditioning builds the roles {sorted(roles)} "
+                     f"(served: {{text}} for SD, {{text, text_embeds, time_ids}} for SDXL)")
+
+
+# -- tokenization -------------------------------------------------------------------------
+
+def token_ids(tokenizer, prompt: str, name: str = INPUT_BY_FIELD["prompt"].name) -> np.ndarray:
+    """Padded token ids [1, max_length]; a prompt over the limit is rejected, not truncated.
+
+    Padded with the tokenizer's own pad token, as ``padding="max_length"`` does (SDXL's
+    second tokenizer pads with ``!``, the first with the end token).
+    """
+    limit = tokenizer.model_max_length
+    ids = tokenizer(prompt).input_ids
+    if len(ids) > limit:
+        raise ValueError(token_limit_message(name, len(ids), limit))
+    return np.asarray([ids + [tokenizer.pad_token_id] * (limit - len(ids))], dtype=np.int64)
+
+
+def cfg_token_ids(tokenizer, req: Request) -> np.ndarray:
+    """[negative; prompt] token ids [2, max_length], the classifier-free guidance pair."""
+    return np.concatenate([token_ids(tokenizer, getattr(req, f), INPUT_BY_FIELD[f].name)
+                           for f in ("negative_prompt", "prompt")])
+
+
+def cfg_token_ids_each(tokenizers: Sequence, req: Request) -> list[np.ndarray]:
+    """``cfg_token_ids`` for every tokenizer (SDXL: one per text encoder, the same prompt)."""
+    return [cfg_token_ids(tok, req) for tok in tokenizers]
+
+
+# -- SDXL added conditioning --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning, in pixels as (height, width) / (top, left).
+
+    diffusers' defaults: ``original_size`` = ``target_size`` = the image size,
+    ``crops_coords_top_left`` = (0, 0).
+    """
+
+    original_size: tuple[int, int]
+    target_size: tuple[int, int]
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def default(cls, height: int, width: int) -> "SizeConditioning":
+        return cls((height, width), (height, width))
+
+    def validate(self) -> "SizeConditioning":
+        for name, pair, low in (("ORIGINAL_SIZE", self.original_size, 1),
+                                ("CROPS_COORDS_TOP_LEFT", self.crops_coords_top_left, 0)):
+            if len(pair) != 2 or not all(low <= int(v) <= 16384 for v in pair):
+                raise ValueError(f"{name} must be two integers in [{low}, 16384], got {list(pair)}")
+        return self
+
+    def time_ids(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[1, 6] as ``_get_add_time_ids`` builds it."""
+        values = [*self.original_size, *self.crops_coords_top_left, *self.target_size]
+        return torch.tensor([values], dtype=dtype)
+
+
+# Optional request inputs of SDXL's size conditioning ([height, width] / [top, left] pixels).
+# Not yet in contract.INPUTS: a Request field and a 2-element parse are needed there first.
+ORIGINAL_SIZE = IOField("ORIGINAL_SIZE", "INT32", (2,),
+                        allowed="[height, width] pixels, 1 ... 16384 each (default: the image size)")
+CROPS_COORDS_TOP_LEFT = IOField("CROPS_COORDS_TOP_LEFT", "INT32", (2,),
+                                allowed="[top, left] pixels, 0 ... 16384 each (default: [0, 0])")
+SIZE_INPUTS = (ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT)
+
+
+def parse_size_inputs(get, height: int, width: int) -> SizeConditioning:
+    """The size conditioning of a request: ``get(name)`` returns an input's array or None;
+    missing inputs take diffusers' defaults for an image of ``height`` x ``width``."""
+    values = {}
+    for f, key in ((ORIGINAL_SIZE, "original_size"), (CROPS_COORDS_TOP_LEFT, "crops_coords_top_left")):
+        array = get(f.name)
+        if array is None:
+            continue
+        flat = np.asarray(array).reshape(-1)
+        if flat.size != 2:
+            raise ValueError(f"{f.name} must hold exactly 2 integers, got shape "
+                             f"{list(np.asarray(array).shape)}")
+        values[key] = (int(flat[0]), int(flat[1]))
+    default = SizeConditioning.default(height, width)
+    return SizeConditioning(values.get("original_size", default.original_size), default.target_size,
+                            values.get("crops_coords_top_left", (0, 0))).validate()
+
+
+def check_added_embedding(unet_config: Mapping, text_embeds_dim: int, time_ids: int = 6) -> None:
+    """The check ``_get_add_time_ids`` makes: the UNet's added embedding takes the pooled
+    embedding plus one ``addition_time_embed_dim`` projection per time id."""
+    cfg = dict(unet_config)
+    expected = cfg.get("projection_class_embeddings_input_dim")
+    passed = cfg["addition_time_embed_dim"] * time_ids + text_embeds_dim
+    if expected != passed:
+        raise ValueError(f"the UNet's added embedding takes {expected} features, but the pooled "
+                         f"embedding ({text_embeds_dim}) and {time_ids} time ids make {passed}: "
+                         "the UNet and text_encoder_2 configs disagree")
+
+
+def sdxl_conditioning(hidden_states: Sequence[torch.Tensor], pooled: torch.Tensor,
+                      sizes: SizeConditioning | tuple[SizeConditioning, SizeConditioning],
+                      zero_negative: bool) -> dict[str, torch.Tensor]:
+    """The denoiser's conditioning of one [negative; prompt] pair.
+
+    ``hidden_states``: each encoder's penultimate hidden states [2, L, D_k];
+    ``pooled``: text_encoder_2's projected pooled output [2, P];
+    ``sizes``: one for both rows, or (negative, prompt);
+    ``zero_negative``: ``force_zeros_for_empty_prompt`` and an empty negative prompt.
+    """
+    text = torch.cat(list(hidden_states), dim=-1)
+    pooled = pooled.to(text.dtype)
+    if zero_negative:  # zeros_like of the whole negative embedding, as diffusers does
+        text = torch.cat([torch.zeros_like(text[:1]), text[1:]])
+        pooled = torch.cat([torch.zeros_like(pooled[:1]), pooled[1:]])
+    neg, pos = sizes if isinstance(sizes, tuple) else (sizes, sizes)
+    time_ids = torch.cat([neg.time_ids(text.dtype), pos.time_ids(text.dtype)]).to(text.device)
+    return {TEXT_STATES: text, TEXT_EMBEDS: pooled, TIME_IDS: time_ids}
+
+
+def sd_conditioning(last_hidden_state: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SD 1.x / 2.x: the text encoder's last hidden state is the only conditioning."""
+    return {TEXT_STATES: last_hidden_state}
+
+
+def zero_negative(req: Request, force_zeros_for_empty_prompt: bool) -> bool:
+    return bool(force_zeros_for_empty_prompt) and req.negative_prompt == ""
+
+
+# -- from torch text encoders (in-process) --------------------------------------------------
+
+@torch.no_grad()
+def encode_penultimate(encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(penultimate hidden states, projected pooled output or None) of a transformers CLIP
+    text encoder: what the exported SDXL text encoder graphs return."""
+    out = encoder(ids, output_hidden_states=True)
+    pooled = getattr(out, "text_embeds", None)  # CLIPTextModelWithProjection only
+    return out.hidden_states[-2], pooled
+
+
+@torch.no_grad()
+def encode_request(kind: str, encoders: Sequence, tokenizers: Sequence, req: Request, *,
+                   sizes: SizeConditioning | None = None,
+                   force_zeros_for_empty_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """The conditioning of one request ([negative; prompt], batch 2) with torch encoders."""
+    ids = [torch.from_numpy(a) for a in cfg_token_ids_each(tokenizers, req)]
+    if kind == SD:
+        return sd_conditioning(encoders[0](ids[0])[0])
+    if kind != SDXL:
+        raise ValueError(f"conditioning kind must be one of {KINDS}, got {kind!r}")
+    if sizes is None:
+        raise ValueError("SDXL conditioning needs the size conditioning (time ids)")
+    outs = [encode_penultimate(enc, i) for enc, i in zip(encoders, ids, strict=True)]
+    return sdxl_conditioning([h for h, _ in outs], outs[-1][1], sizes,
+                             zero_negative(req, force_zeros_for_empty_prompt))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # execute(model, inputs by name, output names) -> outputs by name
@@ -61,12 +61,12 @@ class _Pending:
 
 @dataclass
 class TickStats:
-    """What the batcher did: ticks fired, model calls made, calls asked for, rows per model call."""
+    """What the batcher did: ticks fired, calls asked for, model calls made and their rows."""
 
     ticks: int = 0
-    model_calls: int = 0
     requested_calls: int = 0
-    rows: list[int] = field(default_factory=list)
+    model_calls: int = 0
+    rows: int = 0
 
 
 class CallBatcher:
@@ -165,7 +165,7 @@ class CallBatcher:
         first = chunk[0].call
         sizes = [self._call_rows(p.call) for p in chunk]
         self.stats.model_calls += 1
-        self.stats.rows.append(sum(sizes))
+        self.stats.rows += sum(sizes)
         try:
             if len(chunk) == 1:  # nothing to merge: the values go as they are
                 outputs = [await self._execute(first.model, first.inputs, first.output_names)]

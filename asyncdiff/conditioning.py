@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from asyncdiff.contract import INPUT_BY_FIELD, IOField, Request, token_limit_message
+from asyncdiff.contract import (  # noqa: F401  (the size inputs are re-exported)
+    CROPS_COORDS_TOP_LEFT, INPUT_BY_FIELD, ORIGINAL_SIZE, SIZE_INPUTS, Request, token_limit_message,
+)
 from asyncdiff.partition import CONDITIONING_ROLES, Partition
 
 SD, SDXL = "sd", "sdxl"
@@ -130,8 +132,8 @@ class SizeConditioning:
         return cls((height, width), (height, width))
 
     def validate(self) -> "SizeConditioning":
-        for name, pair, low in (("ORIGINAL_SIZE", self.original_size, 1),
-                                ("CROPS_COORDS_TOP_LEFT", self.crops_coords_top_left, 0)):
+        for name, pair, low in ((ORIGINAL_SIZE.name, self.original_size, 1),
+                                (CROPS_COORDS_TOP_LEFT.name, self.crops_coords_top_left, 0)):
             if len(pair) != 2 or not all(low <= int(v) <= 16384 for v in pair):
                 raise ValueError(f"{name} must be two integers in [{low}, 16384], got {list(pair)}")
         return self
@@ -142,15 +144,7 @@ class SizeConditioning:
         return torch.tensor([values], dtype=dtype)
 
 
-# Optional request inputs of SDXL's size conditioning ([height, width] / [top, left] pixels).
-# Not yet in contract.INPUTS: a Request field and a 2-element parse are needed there first.
-ORIGINAL_SIZE = IOField("ORIGINAL_SIZE", "INT32", (2,),
-                        allowed="[height, width] pixels, 1 ... 16384 each (default: the image size)")
-CROPS_COORDS_TOP_LEFT = IOField("CROPS_COORDS_TOP_LEFT", "INT32", (2,),
-                                allowed="[top, left] pixels, 0 ... 16384 each (default: [0, 0])")
-SIZE_INPUTS = (ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT)
-
-
+# The optional request inputs ORIGINAL_SIZE and CROPS_COORDS_TOP_LEFT are asyncdiff.contract's.
 def parse_size_inputs(get, height: int, width: int) -> SizeConditioning:
     """The size conditioning of a request: ``get(name)`` returns an input's array or None;
     missing inputs take diffusers' defaults for an image of ``height`` x ``width``."""

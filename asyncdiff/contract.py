@@ -108,6 +108,15 @@ OUTPUTS: tuple[IOField, ...] = (
 PREVIEW_EVERY = IOField("PREVIEW_EVERY", "INT32", (1,),
                         allowed="0 (no previews) ... STEPS: a preview image every k steps")
 STREAM_INPUTS = INPUTS + (PREVIEW_EVERY,)
+# SDXL's size conditioning ([height, width] / [top, left] pixels, two elements each): optional
+# inputs of both pipeline models of an SDXL deployment only (``model_inputs``). Not Request
+# fields: they are not scalars and only one family has them (asyncdiff.conditioning parses them).
+# An SD deployment does not declare them, so Triton refuses them (INVALID_ARG, "unexpected input").
+ORIGINAL_SIZE = IOField("ORIGINAL_SIZE", "INT32", (2,),
+                        allowed="[height, width] pixels, 1 ... 16384 each (default: the image size)")
+CROPS_COORDS_TOP_LEFT = IOField("CROPS_COORDS_TOP_LEFT", "INT32", (2,),
+                                allowed="[top, left] pixels, 0 ... 16384 each (default: [0, 0])")
+SIZE_INPUTS = (ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT)
 STEP = IOField("STEP", "INT32", (2,), allowed="[steps done, steps in all]")
 PREVIEW = IOField("PREVIEW", "UINT8", (-1, -1, 3), allowed="[H, W, 3] the current denoised estimate")
 # To a forwarding BLS (request parameter ``error_output``) an error comes as this output:
@@ -198,7 +207,7 @@ def error_kind(message: str) -> str:
     (every request error starts with the input's name), UNAVAILABLE when busy, CANCELLED,
     else INTERNAL. Needed because a BLS caller of a decoupled model gets every error as
     INTERNAL (Triton 2.51), so the unary model restores the engine's status from this."""
-    if message.split(" ", 1)[0] in {f.name for f in STREAM_INPUTS}:
+    if message.split(" ", 1)[0] in {f.name for f in STREAM_INPUTS + SIZE_INPUTS}:
         return "INVALID_ARG"
     if message.startswith(BUSY_MESSAGE):
         return "UNAVAILABLE"
@@ -224,6 +233,7 @@ class NetworkNames:
 
 # The networks the BLS calls besides the components (export names the models and graph tensors so).
 TEXT_ENCODER = NetworkNames("text_encoder", "input_ids", "last_hidden_state")
+TEXT_ENCODER_2 = NetworkNames("text_encoder_2", "input_ids", "penultimate_hidden_state")  # SDXL
 VAE_DECODER = NetworkNames("vae_decoder", "latents", "image")
 
 # Parameters of the pipeline config that Triton's python backend reads itself (not ours).
@@ -271,8 +281,7 @@ class PipelineParams:
     # penultimate hidden states (concatenated on the last dim), text_encoder_2 also the pooled
     # text_embeds; time_ids from the size conditioning.
     conditioning: str = "sd"
-    text_encoder_2: NetworkNames = NetworkNames("text_encoder_2", "input_ids",
-                                                "penultimate_hidden_state")
+    text_encoder_2: NetworkNames = TEXT_ENCODER_2
     text_encoder_2_pooled: str = "text_embeds"  # text_encoder_2's second output
     tokenizer_2_dir: str = "tokenizer_2"
     force_zeros_for_empty_prompt: bool = False  # empty NEGATIVE_PROMPT -> zero negative embeddings
@@ -321,3 +330,10 @@ class PipelineParams:
         if missing:
             raise ValueError(f"pipeline parameters missing: {missing}")
         return cls(defaults=Request(**defaults), **values)
+
+
+def model_inputs(params: PipelineParams, stream: bool) -> tuple[IOField, ...]:
+    """The inputs of the unary (``stream=False``) or stream model of a deployment: the
+    contract's, PREVIEW_EVERY on the stream model, the size conditioning on SDXL's."""
+    return (STREAM_INPUTS if stream else INPUTS) + (SIZE_INPUTS if params.conditioning == "sdxl"
+                                                    else ())

@@ -6,16 +6,18 @@ Models (one folder each, ``config.pbtxt`` + version ``1/``):
   own GPU; otherwise the shared ``asyncdiff_component`` Python-based backend
   (onnxruntime or torch). Dynamic batching lets concurrent generations at the
   same step share one call.
-* the text encoder and the VAE decoder (names from ``asyncdiff.contract``;
-  the VAE without the 1/scaling_factor step, which the pipeline applies).
+* the text encoder (SDXL: two) and the VAE decoder (names from
+  ``asyncdiff.contract``; the VAE without the 1/scaling_factor step, which
+  the pipeline applies).
 * ``asyncdiff_stream``: the pipeline engine (BLS, decoupled: per-step progress,
   then the image; requests in flight together, their component calls batched).
   Its parameters are exactly ``PipelineParams.to_parameters()``; its version
   folder holds the partition, the scheduler config and the tokenizer files,
   so it runs without the diffusers pipeline folder.
 * ``asyncdiff``: the unary model clients call (HTTP, gRPC, perf_analyzer): the
-  contract's inputs and outputs, one instance per request in flight, each
-  forwarding to the engine; its queue is bounded (``max_queue_size``).
+  contract's inputs (``model_inputs``: SDXL adds its size inputs) and outputs,
+  one instance per request in flight, each forwarding to the engine; its queue
+  is bounded (``max_queue_size``).
 
 Which GPU runs which instance is ``asyncdiff.placement.Placement``'s rule.
 """
@@ -28,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from asyncdiff.contract import (
-    INPUTS, MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, STREAM_INPUTS, STREAM_MODEL_NAME,
-    STREAM_OUTPUTS, TEXT_ENCODER, UNARY_BACKEND, VAE_DECODER, IOField, PipelineParams,
+    MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, STREAM_MODEL_NAME, STREAM_OUTPUTS,
+    TEXT_ENCODER, TEXT_ENCODER_2, UNARY_BACKEND, VAE_DECODER, IOField, PipelineParams, model_inputs,
 )
 from asyncdiff.placement import Placement
 from export.onnx_export import IOSpec
@@ -40,7 +42,7 @@ from export.triton_config import (
 )
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-NETWORK_MODELS = (TEXT_ENCODER.model, VAE_DECODER.model)
+NETWORK_MODELS = (TEXT_ENCODER.model, TEXT_ENCODER_2.model, VAE_DECODER.model)
 
 
 def triton_tensors(specs: Sequence[IOSpec]) -> list[ModelTensor]:
@@ -69,7 +71,7 @@ def network_config(name: str, inputs: Sequence[IOSpec], outputs: Sequence[IOSpec
 
 def model_placement(name: str, place: Placement) -> tuple[tuple[int, ...], int]:
     """(GPU ids, CPU instance count) of a model: component k as the placement says; the
-    text encoder and VAE beside the pipeline."""
+    text encoders (both of SDXL's) and the VAE beside the pipeline."""
     if name.startswith("unet_part_"):
         k = int(name.rsplit("_", 1)[1])
         return place.instance_gpus(k), place.instance_count(k)
@@ -87,23 +89,25 @@ def pipeline_config(params: PipelineParams):
     parameters = params.to_parameters()
     # Triton's own: on a GPU, BLS responses stay in GPU memory instead of being copied to the host.
     parameters[FORCE_CPU_ONLY] = "yes" if params.device == "cpu" else "no"
+    inputs = model_inputs(params, stream=True)
     config = python_model_config(
-        STREAM_MODEL_NAME, [_model_tensor(f) for f in STREAM_INPUTS],
+        STREAM_MODEL_NAME, [_model_tensor(f) for f in inputs],
         [_model_tensor(f, shapes.get(f.name)) for f in STREAM_OUTPUTS],
         backend=PIPELINE_BACKEND, max_batch_size=0, parameters=parameters)
     config.model_transaction_policy.decoupled = True
-    _mark_optional(config, STREAM_INPUTS)
+    _mark_optional(config, inputs)
     return config
 
 
 def unary_config(params: PipelineParams):
     """``asyncdiff``: the contract's IO; an instance per request in flight; a bounded queue."""
     shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape}
+    inputs = model_inputs(params, stream=False)  # forwarded as they came (SDXL: sizes too)
     config = python_model_config(
-        MODEL_NAME, [_model_tensor(f) for f in INPUTS],
+        MODEL_NAME, [_model_tensor(f) for f in inputs],
         [_model_tensor(f, shapes.get(f.name)) for f in OUTPUTS],
         backend=UNARY_BACKEND, max_batch_size=0, count=params.max_batch_requests)
-    _mark_optional(config, INPUTS)
+    _mark_optional(config, inputs)
     # Triton's queue policy works without batching: a full queue answers UNAVAILABLE at once.
     policy = config.dynamic_batching.default_queue_policy
     policy.max_queue_size = params.max_queue_size

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from asyncdiff.contract import (
-    STREAM_INPUTS, INPUT_BY_NAME, INPUTS, MAX_SEED, TRITON_PARAMETERS, NetworkNames, PipelineParams, Request,
-    add_request_arguments, error_kind,
+    STREAM_INPUTS, INPUT_BY_NAME, INPUTS, MAX_SEED, SIZE_INPUTS, TRITON_PARAMETERS, NetworkNames,
+    PipelineParams, Request, add_request_arguments, error_kind, model_inputs,
 )
 from export import repository as repo_mod
 from export.triton_config import parse_config, to_pbtxt
@@ -153,3 +153,25 @@ def test_every_request_error_is_classified_invalid_arg(bad):
     assert error_kind("server busy: 4 requests in flight") == "UNAVAILABLE"
     assert error_kind("cancelled before step 3") == "CANCELLED"
     assert error_kind("model 'unet_part_1' failed: boom") == "INTERNAL"
+
+
+def test_size_inputs_are_declared_by_sdxl_deployments_only():
+    """SDXL's ORIGINAL_SIZE / CROPS_COORDS_TOP_LEFT: optional [2] inputs of both pipeline models
+    of an SDXL deployment; an SD deployment declares neither (Triton refuses them)."""
+    assert model_inputs(PARAMS, stream=False) == INPUTS
+    assert model_inputs(PARAMS, stream=True) == STREAM_INPUTS
+    sdxl = dataclasses.replace(PARAMS, device="cpu", conditioning="sdxl",
+                               force_zeros_for_empty_prompt=True)
+    assert repo_mod.pipeline_params(parse_config(to_pbtxt(repo_mod.pipeline_config(sdxl)))) == sdxl
+    sizes = [("ORIGINAL_SIZE", [2], True), ("CROPS_COORDS_TOP_LEFT", [2], True)]
+    for config, base in ((repo_mod.pipeline_config(sdxl), STREAM_INPUTS),
+                         (repo_mod.unary_config(sdxl), INPUTS)):
+        assert [(i.name, list(i.dims), i.optional) for i in config.input] == \
+            [(f.name, list(f.dims), not f.required) for f in base] + sizes
+    # their errors name the input, so a forwarded one keeps its status
+    from asyncdiff.conditioning import parse_size_inputs
+
+    assert [f.name for f in SIZE_INPUTS] == [name for name, _, _ in sizes]
+    with pytest.raises(ValueError) as err:
+        parse_size_inputs({"CROPS_COORDS_TOP_LEFT": np.array([-1, 0], np.int32)}.get, 32, 32)
+    assert error_kind(str(err.value)) == "INVALID_ARG"

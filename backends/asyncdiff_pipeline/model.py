@@ -4,7 +4,12 @@ A decoupled model with ``async def execute``: the python backend does not wait
 for it, so every request runs as its own task and many are in flight at once.
 Per request: parse and validate (``asyncdiff.contract``), wait for a batch slot
 (``max_batch_requests``; beyond ``max_queue_size`` waiting, "server busy"),
-tokenize -> ``text_encoder`` -> a core ``Generation`` -> ``vae_decoder``.
+tokenize -> the text encoder(s) -> the conditioning -> a core ``Generation`` ->
+``vae_decoder``. The conditioning is the partition's (``asyncdiff.conditioning``):
+SD's text states are ``text_encoder``'s output as it is; SDXL's are both
+encoders' penultimate states concatenated, with ``text_encoder_2``'s pooled
+``text_embeds`` and the ``time_ids`` of the request's size inputs, as diffusers
+builds them.
 Every model call goes through one ``CallBatcher`` (``asyncdiff.batching``):
 the calls of all requests in flight that reach a model in the same wave go
 out as ONE call on their concatenated rows (continuous batching: a request
@@ -38,15 +43,18 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from asyncdiff.batching import CallBatcher, ModelCall
+from asyncdiff.conditioning import (
+    SD, SDXL, TEXT_STATES, cfg_token_ids_each, conditioning_kind, parse_size_inputs,
+    sdxl_conditioning, zero_negative,
+)
 from asyncdiff.contract import (
     BUSY_MESSAGE, CANCELLED_MESSAGE, PREVIEW_EVERY, PipelineParams, Request,
 )
 from asyncdiff.generation import Generation, latent_input
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
-from asyncdiff.pipeline import cfg_token_ids, to_uint8_image
+from asyncdiff.pipeline import to_uint8_image
 
-TEXT_STATES = "encoder_hidden_states"  # the components' name of the text encoder's output
 HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEAD_STUB = "is not healthy"  # the python backend's error for a model whose stub died
@@ -78,9 +86,20 @@ class TritonPythonModel:
                              f"{p.partition_file} ({latent})")
         with open(os.path.join(version_dir, p.scheduler_config_file)) as f:
             self.scheduler_config = json.load(f)
+        self.kind = conditioning_kind(self.partition)
+        if self.kind != p.conditioning:
+            raise ValueError(f"pipeline parameter conditioning={p.conditioning!r}, but the "
+                             f"components of {p.partition_file} take {self.kind!r} conditioning")
         from transformers import CLIPTokenizer
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(version_dir, p.tokenizer_dir))
+        # (tokenizer folder, text encoder, its outputs): one each for SD, two for SDXL.
+        encoders = [(p.tokenizer_dir, p.text_encoder, [p.text_encoder.output])]
+        if self.kind == SDXL:
+            encoders.append((p.tokenizer_2_dir, p.text_encoder_2,
+                             [p.text_encoder_2.output, p.text_encoder_2_pooled]))
+        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(version_dir, d))
+                           for d, _, _ in encoders]
+        self.encoders = [(net, outs) for _, net, outs in encoders]
         self.device = torch.device(p.device)
         self.dtypes = {name: getattr(torch, dtype) for name, dtype in p.dtypes.items()}
         part = self.partition
@@ -116,7 +135,7 @@ class TritonPythonModel:
     def finalize(self):
         for task in list(self.tasks):
             task.cancel()
-        self.tokenizer = None
+        self.tokenizers = None
 
     # -- one request ---------------------------------------------------------
     async def _serve(self, request):
@@ -147,7 +166,8 @@ class TritonPythonModel:
         try:  # only parsing and validation are the client's to fix
             req = Request.from_inputs(lambda name: _input(request, name), self.params.defaults)
             preview_every = _preview_every(_input(request, PREVIEW_EVERY.name), req.steps)
-            ids = cfg_token_ids(self.tokenizer, req)
+            ids = cfg_token_ids_each(self.tokenizers, req)
+            sizes = self._sizes(request)
         except ValueError as exc:
             raise Refused(str(exc), pb_utils.TritonError.INVALID_ARG) from None
         p = self.params
@@ -163,17 +183,17 @@ class TritonPythonModel:
         rid = request.request_id()
         self.running.add(rid)
         try:
-            return await self._generate(request, sender, req, ids, preview_every)
+            return await self._generate(request, sender, req, ids, sizes, preview_every)
         finally:
             self.running.discard(rid)
             self.cancelled.discard(rid)
             self.slots.release()
 
-    async def _generate(self, request, sender, req, ids, preview_every):
+    async def _generate(self, request, sender, req, ids, sizes, preview_every):
         outputs = set(request.requested_output_names()) or {"IMAGE", "LATENTS", "STEP"}
         self._check_cancelled(request, 0)
-        text = await self._encode(ids)
-        gen = Generation(self.partition, [req], {TEXT_STATES: text}, self.scheduler_config,
+        conditioning = await self._encode(req, ids, sizes)
+        gen = Generation(self.partition, [req], conditioning, self.scheduler_config,
                          device=self.device, to_executor=self._to_triton, from_executor=self._noise_pred)
         sent: set[int] = set()
         async with self.batcher.member() as member:  # await nothing but member.run in here
@@ -200,15 +220,33 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"asyncdiff: request cancelled before step {step}")
             raise Refused(f"{CANCELLED_MESSAGE} before step {step}", pb_utils.TritonError.CANCELLED)
 
+    def _sizes(self, request):
+        """SDXL's size conditioning (the request's ORIGINAL_SIZE / CROPS_COORDS_TOP_LEFT, else
+        diffusers' defaults); None for SD, whose models do not declare those inputs."""
+        if self.kind != SDXL:
+            return None
+        height, width, _ = self.params.image_shape
+        return parse_size_inputs(lambda name: _input(request, name), height, width)
+
     # -- model calls ---------------------------------------------------------
-    async def _encode(self, ids: np.ndarray):
-        """[uncond; cond] text states as the components' input tensor."""
-        net = self.params.text_encoder
-        call = ModelCall(net.model, {net.input: pb_utils.Tensor(net.input, ids)}, [net.output])
-        out = (await self.batcher.run([call]))[0][net.output]
-        if self.dtypes.get(net.output) == self.dtypes.get(TEXT_STATES):  # renaming will do
-            return pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())
-        return self._to_triton(TEXT_STATES, _to_torch(out, self.device))
+    async def _encode(self, req, ids, sizes):
+        """The components' conditioning of one request ([uncond; cond] rows), by name: Triton
+        tensors or torch tensors that ``Generation`` converts with ``_to_triton``."""
+        # Every text encoder in one run: batched with other requests' calls, side by side.
+        calls = [ModelCall(net.model, {net.input: pb_utils.Tensor(net.input, i)}, outs)
+                 for (net, outs), i in zip(self.encoders, ids, strict=True)]
+        outs = await self.batcher.run(calls)
+        if self.kind == SD:
+            out = outs[0][self.params.text_encoder.output]
+            if self.dtypes.get(self.params.text_encoder.output) == self.dtypes.get(TEXT_STATES):
+                # the served dtype already: renamed, not copied
+                return {TEXT_STATES: pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())}
+            return {TEXT_STATES: _to_torch(out, self.device)}
+        p = self.params
+        states = [_to_torch(o[net.output], self.device) for o, (net, _) in zip(outs, self.encoders)]
+        pooled = _to_torch(outs[1][p.text_encoder_2_pooled], self.device)
+        return sdxl_conditioning(states, pooled, sizes,
+                                 zero_negative(req, p.force_zeros_for_empty_prompt))
 
     async def _decode(self, latents, member=None):
         """The first latent as a uint8 image ([H, W, 3])."""
@@ -223,7 +261,9 @@ class TritonPythonModel:
         return image
 
     def _to_triton(self, name, tensor):
-        """torch -> a Triton tensor of the served dtype, without a host copy on a GPU."""
+        """torch -> a Triton tensor of the served dtype, without a host copy on a GPU. A name
+        export did not list (the outer ring's warm-up placeholders, made in the input's own
+        dtype) keeps its dtype."""
         if name == "timestep":  # components declare the per-sample timestep as [1]: [batch, 1]
             tensor = tensor.reshape(-1, 1)
         if name in HOST_INPUTS:

@@ -42,3 +42,19 @@ def tiny_server(tiny_repo, tmp_path_factory):
     with TritonServer(tiny_repo, log_file=log,
                       extra_args=["--model-control-mode=explicit", "--load-model=*"]) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """A tiny random-weight SDXL pipeline, built offline (tests/tiny_sdxl.py)."""
+    from tests.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tiny_sdxl, tmp_path_factory):
+    """``tiny_sdxl`` saved as a diffusers pipeline folder (what export reads)."""
+    path = tmp_path_factory.mktemp("sdxl") / "pipe"
+    tiny_sdxl.save_pretrained(path)
+    return path

@@ -22,7 +22,6 @@ from asyncdiff.pipeline import AsyncDiffPipeline
 from export import cli
 from export.repository import our_models, pipeline_params, read_configs
 from tests.test_pipeline_sdxl import diffusers_latents
-from tests.tiny_sdxl import build_tiny_sdxl
 
 STEPS = 5
 PROMPT = "a red cube on a table"
@@ -30,15 +29,13 @@ SIZES = {f.name: f for f in (ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT)}
 
 
 @pytest.fixture(scope="module")
-def xl():
-    return build_tiny_sdxl()
+def xl(tiny_sdxl):
+    return tiny_sdxl
 
 
 @pytest.fixture(scope="module")
-def folder(xl, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdxl") / "pipe"
-    xl.save_pretrained(path)
-    return path
+def folder(tiny_sdxl_folder):
+    return tiny_sdxl_folder
 
 
 def export(folder, out, *args):

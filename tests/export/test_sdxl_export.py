@@ -18,21 +18,18 @@ from asyncdiff.pipeline import AsyncDiffPipeline
 from export import cli
 from export.onnx_export import session
 from export.repository import pipeline_params, read_configs
-from tests.tiny_sdxl import build_tiny_sdxl
 
 STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def xl():
-    return build_tiny_sdxl()
+def xl(tiny_sdxl):
+    return tiny_sdxl
 
 
 @pytest.fixture(scope="module")
-def folder(xl, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdxl") / "pipe"
-    xl.save_pretrained(path)
-    return path
+def folder(tiny_sdxl_folder):
+    return tiny_sdxl_folder
 
 
 def export(folder, out, *args):

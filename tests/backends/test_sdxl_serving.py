@@ -145,17 +145,18 @@ def test_bad_size_inputs_are_invalid_arguments(server, values, message):
     assert "INVALID_ARG" in str(err.value.status())
 
 
-def test_outer_ring_n3_serves_as_the_in_process_runner(folder, xl, tmp_path):
-    """The paper's SDXL split: the last component holds conv_in and the first stages too; in
-    warm-up it runs its front before component 0 (on placeholders for its back)."""
-    repo = export(folder, tmp_path / "ring", "--components", "3", "--layout", "outer-ring")
+@pytest.mark.parametrize("components, layout", [(2, "sequential"), (3, "outer-ring")])
+def test_served_split_equals_the_in_process_runner(folder, xl, tmp_path, components, layout):
+    """N=2, and the paper's SDXL split: the last component holds conv_in and the first stages
+    too; in warm-up it runs its front before component 0 (on placeholders for its back)."""
+    repo = export(folder, tmp_path / "split", "--components", str(components), "--layout", layout)
     params = pipeline_params(read_configs(repo)[STREAM_MODEL_NAME])
     part = Partition.load(repo / STREAM_MODEL_NAME / "1" / params.partition_file)
-    assert part.layout == "outer_ring"
+    assert part.layout == layout.replace("-", "_")
     req = Request(PROMPT, "blurry", seed=4, steps=STEPS, guidance_scale=5.0, warmup=2,
                   scheduler="euler")  # the served default, the folder's
-    with serve(repo, tmp_path) as ring:
-        got = infer(ring, NEGATIVE_PROMPT="blurry", SEED=4, STEPS=STEPS, WARMUP=2)
-    ref = AsyncDiffPipeline(xl, components=3, layout="outer-ring",
+    with serve(repo, tmp_path) as split:
+        got = infer(split, NEGATIVE_PROMPT="blurry", SEED=4, STEPS=STEPS, WARMUP=2)
+    ref = AsyncDiffPipeline(xl, components=components, layout=layout,
                             cuts=part.cuts).generate_latents(req)
     assert rel(got, ref) <= 1e-4, rel(got, ref)

@@ -33,7 +33,7 @@ demo: repository
 	$(PY) -m serve.demo --model-repository $(REPO) --prompt "$(PROMPT)" --out $(OUT)
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # One NVIDIA GPU with torch+CUDA, nothing downloaded: carried wheels (.whl/), then the GPU
 # benchmark (<= 5 min). GPU_CHECK_ARGS="--device cpu --quick" is the CPU smoke run.

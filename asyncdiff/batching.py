@@ -26,13 +26,20 @@ one tick (the stride pair of the last component with S=2) are merged too,
 which is batched stride; with ``separate_repeats`` they stay two calls (lanes),
 each batched across callers, so plain S=2 keeps its two instances busy.
 
+Calls are merged only when their inputs agree in every dim but the rows
+(``signature``): requests of different image sizes share ticks, not calls.
+
 Rule for members: inside ``member()`` await nothing but ``Member.run`` (a
 member awaiting anything else would hold every tick back).
+
+``Slots`` bounds the rows in flight: a request of k images takes k slots, in
+arrival order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,8 +80,10 @@ class CallBatcher:
     def __init__(self, execute: Execute, rows: Callable[[Any], int],
                  concat: Callable[[str, list[Any]], Any],
                  split: Callable[[str, Any, list[int]], list[Any]],
-                 max_rows: Mapping[str, int] | None = None, separate_repeats: bool = False):
+                 max_rows: Mapping[str, int] | None = None, separate_repeats: bool = False,
+                 signature: Callable[[Any], Any] | None = None):
         self._execute, self._rows, self._concat, self._split = execute, rows, concat, split
+        self._signature = signature or (lambda value: None)
         self._max_rows = dict(max_rows or {})
         self._separate_repeats = separate_repeats
         self._pending: list[_Pending] = []
@@ -140,9 +149,10 @@ class CallBatcher:
     async def _fire(self, tick: list[_Pending]) -> None:
         self.stats.ticks += 1
         self.stats.requested_calls += len(tick)
-        groups: dict[tuple[str, int], list[_Pending]] = {}
+        groups: dict[tuple, list[_Pending]] = {}
         for p in tick:
-            groups.setdefault((p.call.model, p.lane), []).append(p)
+            shapes = tuple((n, self._signature(v)) for n, v in p.call.inputs.items())
+            groups.setdefault((p.call.model, p.lane, shapes), []).append(p)
         chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
         await asyncio.gather(*(self._call(chunk) for chunk in chunks))
 
@@ -194,3 +204,48 @@ class Member:
 
     async def run(self, calls: Sequence[ModelCall]) -> list[Mapping]:
         return await self._batcher.run(calls, member=self)
+
+
+class Slots:
+    """``capacity`` slots taken k at a time, first come first served (a request of k images
+    holds k; a large request is not overtaken by smaller ones behind it)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.free = capacity, capacity
+        self._queue: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def available(self, k: int) -> bool:
+        """Whether ``acquire(k)`` would not wait."""
+        return not self._queue and self.free >= k
+
+    async def acquire(self, k: int) -> None:
+        if not 1 <= k <= self.capacity:
+            raise ValueError(f"{k} slots asked of {self.capacity}")
+        if self.available(k):
+            self.free -= k
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((k, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(k)  # granted while being cancelled: give them back
+            else:
+                self._queue.remove((k, future))
+                self._grant()
+            raise
+
+    def release(self, k: int) -> None:
+        self.free += k
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._queue and self._queue[0][0] <= self.free:
+            k, future = self._queue.popleft()
+            self.free -= k
+            future.set_result(None)

@@ -38,6 +38,9 @@ MAX_GUIDANCE_SCALE = 100.0  # far above any useful scale; 3e38 overflowed to NaN
 # at most a few hundred bytes, and a 16 MiB one used to block the server while it was tokenized.
 MAX_TEXT_BYTES = 4096
 SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+MAX_NUM_IMAGES = 64  # the contract's bound; a deployment allows up to its max_batch_requests
+MAX_SIDE = 16384  # pixels; a deployment serves only the sizes it was exported for
+SIZE_MULTIPLE = 8  # pixels per latent cell of every supported VAE
 
 # Triton wire dtype (tritonclient's names) -> numpy dtype
 NUMPY_DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32,
@@ -76,8 +79,8 @@ class IOField:
                 except UnicodeDecodeError:
                     raise ValueError(f"{self.name} must be valid UTF-8") from None
             return str(value)
-        if self.dtype == "FP32":
-            return float(value)
+        if self.dtype == "FP32":  # the shortest decimal of the fp32 value: 0.8, not 0.800000011920929
+            return float(np.format_float_positional(np.float32(value), unique=True))
         return int(value)
 
     def encode(self, value: Any) -> np.ndarray:
@@ -98,11 +101,25 @@ INPUTS: tuple[IOField, ...] = (
     IOField("GUIDANCE_SCALE", "FP32", (1,), "guidance_scale", allowed=f"0 ... {MAX_GUIDANCE_SCALE:g}"),
     IOField("WARMUP", "INT32", (1,), "warmup", allowed="1 ... STEPS-1 (1 when STEPS = 1)"),
     IOField("SCHEDULER", "BYTES", (1,), "scheduler", allowed=" | ".join(SCHEDULERS), max_bytes=64),
+    IOField("NUM_IMAGES", "INT32", (1,), "num_images",
+            allowed="1 ... the deployment's max_batch_requests: images with seeds SEED, SEED+1, ..."),
+    IOField("HEIGHT", "INT32", (1,), "height",
+            allowed="pixels; one of the deployment's sizes (export --resolutions)"),
+    IOField("WIDTH", "INT32", (1,), "width",
+            allowed="pixels; one of the deployment's sizes (export --resolutions)"),
+    IOField("STRENGTH", "FP32", (1,), "strength",
+            allowed="(0, 1]: with INIT_IMAGE, how much of it is re-noised (1 = all)"),
 )
 OUTPUTS: tuple[IOField, ...] = (
-    IOField("IMAGE", "UINT8", (-1, -1, 3), allowed="[H, W, 3]"),
-    IOField("LATENTS", "FP32", (-1, -1, -1), allowed="[C, h, w] final latents, before the VAE"),
+    IOField("IMAGE", "UINT8", (-1, -1, -1, 3), allowed="[NUM_IMAGES, H, W, 3]"),
+    IOField("LATENTS", "FP32", (-1, -1, -1, -1),
+            allowed="[NUM_IMAGES, C, h, w] final latents, before the VAE"),
 )
+# img2img: an optional input of both pipeline models of a deployment with a VAE encoder
+# (``model_inputs``). Not a Request field: it is an image, not a scalar.
+INIT_IMAGE = IOField("INIT_IMAGE", "UINT8", (-1, -1, 3),
+                     allowed="[HEIGHT, WIDTH, 3] uint8 RGB, the request's size")
+IMAGE_INPUTS = (INIT_IMAGE,)
 # The stream model takes every input above plus these, and answers with progress responses
 # (STEP, and PREVIEW when asked) before the final one (IMAGE, LATENTS, STEP).
 PREVIEW_EVERY = IOField("PREVIEW_EVERY", "INT32", (1,),
@@ -138,6 +155,10 @@ class Request:
     guidance_scale: float = 3.0
     warmup: int = 1
     scheduler: str = "ddim"
+    num_images: int = 1
+    height: int = 0  # pixels; 0: the deployment's default size (export writes it)
+    width: int = 0
+    strength: float = 0.8  # img2img only (diffusers' default)
 
     def validate(self) -> "Request":
         """Raise ValueError naming the field and its allowed range; returns self."""
@@ -161,7 +182,20 @@ class Request:
                              f"got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+        if not 1 <= self.num_images <= MAX_NUM_IMAGES:
+            raise ValueError(f"NUM_IMAGES must be in [1, {MAX_NUM_IMAGES}], got {self.num_images}")
+        for name, px in (("HEIGHT", self.height), ("WIDTH", self.width)):
+            if px != 0 and not (SIZE_MULTIPLE <= px <= MAX_SIDE and px % SIZE_MULTIPLE == 0):
+                raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE} in "
+                                 f"[{SIZE_MULTIPLE}, {MAX_SIDE}], got {px}")
+        if not (math.isfinite(self.strength) and 0 < self.strength <= 1):
+            raise ValueError(f"STRENGTH must be in (0, 1], got {self.strength}")
         return self
+
+    def seeds(self) -> list[int]:
+        """The seed of each image: SEED, SEED+1, ... (each image is the single-image request
+        with its seed)."""
+        return [self.seed + i for i in range(self.num_images)]
 
     @classmethod
     def from_inputs(cls, get: Callable[[str], np.ndarray | None], defaults: "Request") -> "Request":
@@ -180,6 +214,20 @@ class Request:
         """Input name -> array, for the fields in ``only`` (default: all)."""
         names = only if only is not None else tuple(f.field for f in INPUTS)
         return {INPUT_BY_FIELD[n].name: INPUT_BY_FIELD[n].encode(getattr(self, n)) for n in names}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"768x512"`` -> (width, height) = (768, 512). One convention everywhere: WIDTHxHEIGHT,
+    as OpenAI's ``size`` and most image tools write it."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a size is WIDTHxHEIGHT in pixels, e.g. 768x512; got {text!r}") from None
+    return width, height
+
+
+def format_size(width: int, height: int) -> str:
+    return f"{width}x{height}"
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, defaults: Request | None) -> None:
@@ -207,7 +255,7 @@ def error_kind(message: str) -> str:
     (every request error starts with the input's name), UNAVAILABLE when busy, CANCELLED,
     else INTERNAL. Needed because a BLS caller of a decoupled model gets every error as
     INTERNAL (Triton 2.51), so the unary model restores the engine's status from this."""
-    if message.split(" ", 1)[0] in {f.name for f in STREAM_INPUTS + SIZE_INPUTS}:
+    if message.split(" ", 1)[0] in {f.name for f in STREAM_INPUTS + SIZE_INPUTS + IMAGE_INPUTS}:
         return "INVALID_ARG"
     if message.startswith(BUSY_MESSAGE):
         return "UNAVAILABLE"
@@ -235,6 +283,7 @@ class NetworkNames:
 TEXT_ENCODER = NetworkNames("text_encoder", "input_ids", "last_hidden_state")
 TEXT_ENCODER_2 = NetworkNames("text_encoder_2", "input_ids", "penultimate_hidden_state")  # SDXL
 VAE_DECODER = NetworkNames("vae_decoder", "latents", "image")
+VAE_ENCODER = NetworkNames("vae_encoder", "image", "latent_moments")  # img2img
 
 # Parameters of the pipeline config that Triton's python backend reads itself (not ours).
 TRITON_PARAMETERS = ("FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH")
@@ -285,6 +334,34 @@ class PipelineParams:
     text_encoder_2_pooled: str = "text_embeds"  # text_encoder_2's second output
     tokenizer_2_dir: str = "tokenizer_2"
     force_zeros_for_empty_prompt: bool = False  # empty NEGATIVE_PROMPT -> zero negative embeddings
+    # Every served (width, height) in pixels; the first is the default (``image_shape``'s).
+    # Empty: only ``image_shape``. Components take any of them (dynamic spatial dims).
+    resolutions: tuple[tuple[int, int], ...] = ()
+    # img2img: the VAE encoder (image in [-1, 1] -> the latent distribution's moments, mean and
+    # log-variance concatenated on the channels, as diffusers' DiagonalGaussianDistribution).
+    img2img: bool = False
+    vae_encoder: NetworkNames = VAE_ENCODER
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every served size, the default first."""
+        height, width, _ = self.image_shape
+        return [tuple(s) for s in self.resolutions] or [(width, height)]
+
+    def request_size(self, req: Request) -> tuple[int, int]:
+        """The (width, height) a request asks for (0: the default); ValueError unless served."""
+        sizes = self.sizes()
+        width, height = req.width or sizes[0][0], req.height or sizes[0][1]
+        if (width, height) not in sizes:
+            raise ValueError(f"WIDTH x HEIGHT {format_size(width, height)} is not served; this "
+                             f"deployment serves {', '.join(format_size(*s) for s in sizes)} "
+                             "(WIDTHxHEIGHT, export --resolutions)")
+        return width, height
+
+    def request_images(self, req: Request) -> int:
+        if not 1 <= req.num_images <= self.max_batch_requests:
+            raise ValueError(f"NUM_IMAGES must be in [1, {self.max_batch_requests}] on this "
+                             f"deployment (its max_batch_requests), got {req.num_images}")
+        return req.num_images
 
     def to_parameters(self) -> dict[str, str]:
         """Flat string parameters for ``config.pbtxt`` (JSON values, plain strings as is)."""
@@ -323,7 +400,7 @@ class PipelineParams:
                 values[key] = NetworkNames(**json.loads(raw))
             else:
                 value = json.loads(raw)
-                values[key] = tuple(value) if isinstance(value, list) else value
+                values[key] = _tuples(value) if isinstance(value, list) else value
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.name not in values and f.name != "defaults"
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -332,8 +409,14 @@ class PipelineParams:
         return cls(defaults=Request(**defaults), **values)
 
 
+def _tuples(value: list):
+    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+
+
 def model_inputs(params: PipelineParams, stream: bool) -> tuple[IOField, ...]:
     """The inputs of the unary (``stream=False``) or stream model of a deployment: the
-    contract's, PREVIEW_EVERY on the stream model, the size conditioning on SDXL's."""
-    return (STREAM_INPUTS if stream else INPUTS) + (SIZE_INPUTS if params.conditioning == "sdxl"
-                                                    else ())
+    contract's, PREVIEW_EVERY on the stream model, the size conditioning on SDXL's,
+    INIT_IMAGE where a VAE encoder is served."""
+    return ((STREAM_INPUTS if stream else INPUTS)
+            + (SIZE_INPUTS if params.conditioning == "sdxl" else ())
+            + (IMAGE_INPUTS if params.img2img else ()))

@@ -12,6 +12,13 @@ guidance scales and prompts may differ.  The model batch is
 halves and row b of each half is request b.  Request b's latents are seeded
 as when it runs alone, so it gets the same image in a batch as alone.
 
+Size: ``latent_size`` (h, w) makes the latents at another size than the
+partition's (whose TensorSpec shapes stay those of its default size).
+img2img: ``init_latents`` and ``noise`` (``asyncdiff.img2img.init_latents``)
+make the generation start from an image: the requests' shared STRENGTH cuts
+the scheduler's timesteps, the plan covers only the steps that remain, and
+the starting latents are the init latents noised to the first of them.
+
 Values: the latent, timestep, conditioning and noise prediction are torch
 tensors.  They cross into the executor through ``to_executor(name, tensor)``
 (the BLS makes Triton tensors of them), once per step, timestep index or
@@ -29,11 +36,13 @@ from typing import Any
 import torch
 
 from asyncdiff.contract import INPUT_BY_FIELD, SCHEDULERS, Request
+from asyncdiff.img2img import img2img_timesteps, noised_latents, steps_to_run
 from asyncdiff.partition import Partition
 from asyncdiff.runners.cache import ActivationCache
 from asyncdiff.schedule import Call, make_plan
 
 SHARED_FIELDS = ("steps", "warmup", "scheduler")  # one value for every request of a batch
+IMG2IMG_SHARED_FIELDS = SHARED_FIELDS + ("strength",)  # strength cuts the shared timesteps
 
 
 def make_scheduler(name: str, config: Mapping):
@@ -108,6 +117,10 @@ class Generation:
 
     Without ``scheduler_config`` the generation only routes calls (no latents,
     no scheduler): pass ``timesteps`` and a ``sample`` to ``calls``.
+
+    ``latent_size``: (h, w) of the latents (default: the partition's). ``init_latents`` and
+    ``noise`` ([B, C, h, w], ``asyncdiff.img2img.init_latents``): img2img with the requests'
+    STRENGTH; ``timesteps`` then holds the remaining timesteps and ``steps`` their number.
     """
 
     def __init__(self, partition: Partition, requests: Sequence[Request],
@@ -115,11 +128,18 @@ class Generation:
                  time_shift: bool = False, batched_stride: bool = False, device="cpu",
                  timesteps: torch.Tensor | None = None,
                  to_executor: Callable[[str, torch.Tensor], Any] | None = None,
-                 from_executor: Callable[[Any], torch.Tensor] | None = None):
+                 from_executor: Callable[[Any], torch.Tensor] | None = None,
+                 latent_size: tuple[int, int] | None = None,
+                 init_latents: torch.Tensor | None = None, noise: torch.Tensor | None = None):
         self.requests = list(requests)
         if not self.requests:
             raise ValueError("a generation needs at least one request")
-        for name in SHARED_FIELDS:
+        img2img = init_latents is not None
+        if img2img != (noise is not None):
+            raise ValueError("img2img needs both init_latents and noise")
+        if img2img and scheduler_config is None:
+            raise ValueError("img2img needs the scheduler (scheduler_config)")
+        for name in IMG2IMG_SHARED_FIELDS if img2img else SHARED_FIELDS:
             values = [getattr(r, name) for r in self.requests]
             if len(set(values)) > 1:
                 raise ValueError(f"{INPUT_BY_FIELD[name].name} must be the same for every request "
@@ -132,20 +152,35 @@ class Generation:
         self.from_executor = from_executor or (lambda value: value)
         latent = latent_input(partition)
         self.latent_name, self.latent_shape = latent.name, tuple(latent.shape[1:])  # [C, h, w]
+        self.default_latent_size = self.latent_shape[1:]  # the partition's (h, w)
+        if latent_size is not None and tuple(latent_size) != self.default_latent_size:
+            if len(self.latent_shape) != 3 or len(latent_size) != 2 or min(latent_size) < 1:
+                raise ValueError(f"latent_size must be (h, w) >= 1 of a [C, h, w] latent; got "
+                                 f"{latent_size} for {latent.name} {list(self.latent_shape)}")
+            self.latent_shape = (self.latent_shape[0], *latent_size)
         self.latent_component = latent_component(partition)
-        self.plan = make_plan(first.steps, partition.num_components, partition.stride,
+        run = steps_to_run(first.steps, first.strength, first.warmup) if img2img else first.steps
+        self.plan = make_plan(run, partition.num_components, partition.stride,
                               first.warmup, time_shift, ring=partition.layout == "outer_ring")
         self.cache = ActivationCache(partition, self.plan)
         self.scheduler = self.latents = None
         if scheduler_config is not None:
             self.scheduler = make_scheduler(first.scheduler, scheduler_config)
             self.scheduler.set_timesteps(first.steps, device=self.device)
-            sigma = self.scheduler.init_noise_sigma
-            self.latents = torch.cat([initial_latents(r.seed, (1, *self.latent_shape), sigma)
-                                      for r in self.requests]).to(self.device)
+            if img2img:
+                timesteps = img2img_timesteps(self.scheduler, first.steps, first.strength)
+                self.latents = self._img2img_latents(init_latents, noise, timesteps)
+            else:
+                timesteps = self.scheduler.timesteps
+                sigma = self.scheduler.init_noise_sigma
+                self.latents = torch.cat([initial_latents(r.seed, (1, *self.latent_shape), sigma)
+                                          for r in self.requests]).to(self.device)
         elif timesteps is None:
             raise ValueError("a generation without a scheduler needs the timesteps")
-        self.timesteps = self.scheduler.timesteps if timesteps is None else timesteps
+        # Every step reads its timestep here (img2img: the cut ones), never the scheduler's.
+        self.timesteps = timesteps
+        if len(self.timesteps) < self.steps:
+            raise ValueError(f"{len(self.timesteps)} timesteps for {self.steps} steps")
         self.conditioning = {}
         for name, value in conditioning.items():  # converted once per generation
             if isinstance(value, torch.Tensor):
@@ -157,10 +192,16 @@ class Generation:
         self._timestep: dict[tuple[str, int], Any] = {}
         self._zeros: dict[str, Any] = {}
         self._input_step, self._input, self._sample = -1, None, None
+        self._img2img = img2img
 
     @property
     def steps(self) -> int:
+        """The steps that run (img2img: those STRENGTH leaves)."""
         return self.plan.steps_total
+
+    @property
+    def img2img(self) -> bool:
+        return self._img2img
 
     # -- one step ------------------------------------------------------------
     def model_input(self, step: int) -> torch.Tensor | None:
@@ -168,7 +209,7 @@ class Generation:
         if self.scheduler is None:
             return None
         if self._input_step != step:
-            t = self.scheduler.timesteps[step]
+            t = self.timesteps[step]
             self._input = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
             self._input_step, self._sample = step, None
         return self._input
@@ -212,7 +253,7 @@ class Generation:
         # the noise prediction's dtype, which would turn the latents fp16 for good.
         eps = self.from_executor(self.cache.noise_pred(step)).to(self.latents.dtype)
         self.model_input(step)  # diffusers expects scale_model_input before step()
-        t = self.scheduler.timesteps[step]
+        t = self.timesteps[step]
         self.latents = self.scheduler.step(self._guide(eps), t, self.latents).prev_sample
         if not torch.isfinite(self.latents).all():  # an overflow would only end in a black image
             raise FloatingPointError(f"the latents are not finite after step {step} of {self.steps}")
@@ -271,14 +312,42 @@ class Generation:
         return ComponentCall(step, (pos,), call.component, spec.name, inputs,
                              spec.output_names, section=call.section)
 
+    def _img2img_latents(self, init_latents, noise, timesteps) -> torch.Tensor:
+        want = (self.batch, *self.latent_shape)
+        for name, value in (("init_latents", init_latents), ("noise", noise)):
+            if tuple(value.shape) != want:
+                raise ValueError(f"{name} must be {list(want)} ([B, C, h, w] at the latent size), "
+                                 f"got {list(value.shape)}")
+        latents = init_latents.to(self.device, torch.float32)
+        return noised_latents(self.scheduler, latents, noise, timesteps)
+
     def _placeholder(self, spec):
         """Zeros for an input of the ring's back stages during its front call (one model per
         component: an executor that cannot skip the back runs it on these and drops it)."""
         if spec.name not in self._zeros:
-            shape = (2 * self.batch, *spec.shape[1:])
+            shape = (2 * self.batch, *self._scaled(spec))
             zeros = torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=self.device)
             self._zeros[spec.name] = self.to_executor(spec.name, zeros)
         return self._zeros[spec.name]
+
+    def _scaled(self, spec) -> tuple[int, ...]:
+        """An activation's shape (without batch) at this generation's latent size: a UNet
+        activation [C, s_h, s_w] is the latent's spatial dims over a power of two, so it
+        scales by the same ratio (exact: latent sides divide by 2**downsamplers)."""
+        dims = tuple(spec.shape[1:])
+        if self.latent_shape[1:] == self.default_latent_size:
+            return dims
+        if len(dims) != 3:
+            raise ValueError(f"{spec.name} {list(dims)}: only a UNet's [C, h, w] activations "
+                             f"scale with the latent size; this partition serves "
+                             f"{list(self.default_latent_size)} only")
+        out = [dims[0]]
+        for side, new, default in zip(dims[1:], self.latent_shape[1:], self.default_latent_size):
+            if (side * new) % default:
+                raise ValueError(f"{spec.name} {list(dims)} at latent {list(self.default_latent_size)}"
+                                 f" does not scale to latent {list(self.latent_shape[1:])}")
+            out.append(side * new // default)
+        return tuple(out)
 
     def _guide(self, eps: torch.Tensor) -> torch.Tensor:
         scales = [r.guidance_scale for r in self.requests]

@@ -2,10 +2,13 @@
 
     python -m client "a handwritten digit 7" --out digit.png
     python -m client "a handwritten digit 7" --protocol http --seed 3 --steps 25 --scheduler euler
+    python -m client "a handwritten digit 3" --num-images 4 --out digits.png   # digits.0.png ...
+    python -m client "a handwritten digit 3" --init-image digit.png --strength 0.6
 
 Over gRPC the request is streamed (``asyncdiff_stream``) and a progress bar shows
 each step; ``--no-stream`` (or HTTP) calls the unary ``asyncdiff`` model instead.
-Options left out are not sent: the model's own defaults apply.
+Options left out are not sent: the model's own defaults apply. Sizes are pixels;
+``--init-image`` sends its own size as HEIGHT/WIDTH unless they are given.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="nearest-neighbour factor for the saved PNG; 0 (default) picks the "
                         "smallest factor giving >= 256 px, e.g. 16 for the tiny model's 16x16")
     p.add_argument("--latents", type=Path, help="also save the final latents (.npy)")
+    p.add_argument("--init-image", type=Path,
+                   help="img2img: start from this image (any format PIL reads; RGB; INIT_IMAGE)")
     p.add_argument("--no-stream", action="store_true",
                    help="gRPC: call the unary model (no progress bar)")
     p.add_argument("--preview-every", type=int, default=0,
@@ -55,7 +60,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(**{f.name: getattr(args, f.name) for f in fields(GenerationParams)})
+    values = {f.name: getattr(args, f.name) for f in fields(GenerationParams) if hasattr(args, f.name)}
+    if getattr(args, "init_image", None) is not None:
+        image = load_image(args.init_image)
+        values["init_image"] = image
+        values["height"] = values.get("height") or image.shape[0]
+        values["width"] = values.get("width") or image.shape[1]
+    return GenerationParams(**values)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def image_paths(out: Path, count: int) -> list[Path]:
+    """``out`` for one image; ``<stem>.<i><suffix>`` for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}.{i}{out.suffix}") for i in range(count)]
 
 
 class Spinner:
@@ -137,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     elapsed = time.monotonic() - start
-    save_png(result.image, args.out, args.upscale)
+    paths = image_paths(args.out, len(result.images))
+    for image, path in zip(result.images, paths):
+        save_png(image, path, args.upscale)
     if args.latents:
         np.save(args.latents, result.latents)
     h, w = result.image.shape[:2]
-    print(f"{args.out} ({w}x{h} image) in {elapsed:.2f} s")
+    print(f"{', '.join(map(str, paths))} ({len(paths)} x {w}x{h} image) in {elapsed:.2f} s")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     from client.infer import GenerationParams, generate
     result = generate(GenerationParams("a handwritten digit 7", seed=0), protocol="grpc")
-    result.image  # uint8 [H, W, 3]
+    result.images  # uint8 [NUM_IMAGES, H, W, 3]; result.image is the first
 
 Only the parameters that are set are sent; the model applies its own defaults
 for the rest, so the client never has to track them. Input names, dtypes and
@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from asyncdiff.contract import (
-    INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS, PREVIEW, PREVIEW_EVERY, STEP,
+    INIT_IMAGE, INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS, PREVIEW, PREVIEW_EVERY, STEP,
     STREAM_MODEL_NAME,
 )
 
@@ -43,13 +43,22 @@ class GenerationParams:
     guidance_scale: float | None = None
     warmup: int | None = None
     scheduler: str | None = None
-
+    num_images: int | None = None
+    height: int | None = None
+    width: int | None = None
+    strength: float | None = None
+    init_image: np.ndarray | None = None  # img2img: uint8 [HEIGHT, WIDTH, 3] (INIT_IMAGE)
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    image: np.ndarray  # uint8 [H, W, 3]
-    latents: np.ndarray  # float32 [C, h, w]
+    images: np.ndarray  # uint8 [NUM_IMAGES, H, W, 3]
+    latents: np.ndarray  # float32 [NUM_IMAGES, C, h, w]
+
+    @property
+    def image(self) -> np.ndarray:
+        """The first image, [H, W, 3]."""
+        return self.images[0]
 
 
 def default_url(protocol: Protocol, env: dict[str, str] | None = None) -> str:
@@ -71,8 +80,11 @@ def _module(protocol: Protocol) -> ModuleType:
 def input_arrays(params: GenerationParams) -> dict[str, np.ndarray]:
     """Triton input name -> array of shape [1], for the fields that are set."""
     # BYTES are encoded as UTF-8 here, so non-ASCII prompts arrive intact on both protocols.
-    return {INPUT_BY_FIELD[f.name].name: INPUT_BY_FIELD[f.name].encode(getattr(params, f.name))
-            for f in fields(params) if getattr(params, f.name) is not None}
+    arrays = {INPUT_BY_FIELD[f.name].name: INPUT_BY_FIELD[f.name].encode(getattr(params, f.name))
+              for f in fields(params) if f.name in INPUT_BY_FIELD and getattr(params, f.name) is not None}
+    if params.init_image is not None:
+        arrays[INIT_IMAGE.name] = np.ascontiguousarray(params.init_image, dtype=np.uint8)
+    return arrays
 
 
 def build_request(params: GenerationParams, protocol: Protocol) -> tuple[list, list]:
@@ -80,7 +92,8 @@ def build_request(params: GenerationParams, protocol: Protocol) -> tuple[list, l
     module = _module(protocol)
     inputs = []
     for name, array in input_arrays(params).items():
-        tensor = module.InferInput(name, list(array.shape), INPUT_BY_NAME[name].dtype)
+        dtype = INIT_IMAGE.dtype if name == INIT_IMAGE.name else INPUT_BY_NAME[name].dtype
+        tensor = module.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)  # HTTP: binary by default, no JSON round-trip
         inputs.append(tensor)
     outputs = [module.InferRequestedOutput(f.name) for f in OUTPUTS]
@@ -101,8 +114,8 @@ def generate(params: GenerationParams, protocol: Protocol = "grpc", url: str | N
         with module.InferenceServerClient(url, connection_timeout=min(timeout, 60.0),
                                           network_timeout=timeout) as client:
             result = client.infer(model_name, inputs, outputs=outputs)
-    image, latents = (result.as_numpy(f.name) for f in OUTPUTS)
-    return GenerationResult(image=image, latents=latents)
+    images, latents = (result.as_numpy(f.name) for f in OUTPUTS)
+    return GenerationResult(images=images, latents=latents)
 
 
 def generate_stream(params: GenerationParams, url: str | None = None, timeout: float = 300.0,
@@ -135,9 +148,9 @@ def generate_stream(params: GenerationParams, url: str | None = None, timeout: f
                     raise InferenceServerException(f"no response within {timeout:g} s") from None
                 if error is not None:
                     raise error
-                image = result.as_numpy("IMAGE")
-                if image is not None:
-                    return GenerationResult(image=image, latents=result.as_numpy("LATENTS"))
+                images = result.as_numpy("IMAGE")
+                if images is not None:
+                    return GenerationResult(images=images, latents=result.as_numpy("LATENTS"))
                 if on_step is not None:
                     done, total = (int(v) for v in result.as_numpy(STEP.name))
                     on_step(done, total, result.as_numpy(PREVIEW.name))

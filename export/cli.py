@@ -9,6 +9,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,16 +21,19 @@ from asyncdiff.conditioning import (
     PENULTIMATE, POOLED, SD, SDXL, check_added_embedding, conditioning_kind,
 )
 from asyncdiff.contract import (
-    INPUTS, SCHEDULERS, TEXT_ENCODER, VAE_DECODER, NetworkNames, PipelineParams, Request,
-    add_request_arguments,
+    INPUTS, SCHEDULERS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, NetworkNames, PipelineParams,
+    Request, add_request_arguments,
 )
+from asyncdiff.contract import MAX_SIDE, SIZE_MULTIPLE, format_size, parse_size
+from asyncdiff.stages import check_sample_size
 from asyncdiff.partition import ACTIVATION_ROLES
 from asyncdiff.placement import Placement
 from export import repository as repo_mod
 from export import tensorrt as trt_mod
+from export.lora import LoraSpec, check_loras, fuse_into
 from export.onnx_export import (
     Artifact, InterfaceSampler, Network, ParityError, component_network, export_network,
-    save_torch_component, text_encoder_network, vae_decoder_network,
+    save_torch_component, text_encoder_network, vae_decoder_network, vae_encoder_network,
 )
 from serve import deployment
 
@@ -49,6 +53,9 @@ class ExportOptions:
     out: Path = Path("model_repository")
     height: int | None = None  # image pixels; default: the UNet's sample_size * VAE scale
     width: int | None = None
+    # --resolutions: every served (width, height) in pixels, the default first (then no
+    # height/width); one partition at the default, dynamic spatial dims for the rest.
+    resolutions: tuple[tuple[int, int], ...] = ()
     batch: int = 2  # UNet batch at export (2 = one prompt with classifier-free guidance)
     max_batch: int | None = None  # dynamic batching / engine profile limit; default 4 * batch
     fp16: bool = False
@@ -67,6 +74,7 @@ class ExportOptions:
     # Request defaults to take from the pipeline folder (its scheduler, its family's guidance)
     # instead of ``defaults``: the CLI lists those the user did not give.
     folder_defaults: frozenset[str] = frozenset()
+    loras: tuple[LoraSpec, ...] = ()  # --lora: fused into the UNet and text encoders
 
     @property
     def limit(self) -> int:
@@ -238,6 +246,58 @@ def tokenizer_2_files(source: Source, params: PipelineParams) -> dict[str, Path]
 
 
 def latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
+    """The default size's latent (height, width)."""
+    return latent_sizes(opts, source)[0]
+
+
+def latent_sizes(opts: ExportOptions, source: Source) -> list[tuple[int, int]]:
+    """Latent (height, width) of every exported resolution, the default first."""
+    return [(h // source.vae_scale, w // source.vae_scale) for w, h in export_sizes(opts, source)]
+
+
+def size_multiple(source: Source) -> int:
+    """Pixels every side of a --resolutions size divides by: the VAE scale times the UNet's
+    total downsampling (so every resolution level scales exactly; DiTs: their patch), and
+    the request contract's SIZE_MULTIPLE (HEIGHT/WIDTH must be able to ask for it)."""
+    from asyncdiff.stages import denoiser_kind
+
+    config = source.unet.config
+    kind = denoiser_kind(config)
+    factor = (2 ** (len(config["block_out_channels"]) - 1) if kind == "unet"
+              else 2 if kind == "flux" else int(config["patch_size"]))
+    return math.lcm(source.vae_scale * factor, SIZE_MULTIPLE)
+
+
+def export_sizes(opts: ExportOptions, source: Source) -> list[tuple[int, int]]:
+    """Every exported (width, height) in pixels, the default first: ``--resolutions``, else
+    the one size of --height/--width (default: the model's sample size)."""
+    if not opts.resolutions:
+        height, width = _single_latent_size(opts, source)
+        return [(width * source.vae_scale, height * source.vae_scale)]
+    if opts.height or opts.width:
+        raise ValueError("give --resolutions or --height/--width, not both (the first of "
+                         "--resolutions is the default size)")
+    if len(set(opts.resolutions)) != len(opts.resolutions):
+        raise ValueError(f"--resolutions lists a size twice: "
+                         f"{','.join(format_size(*r) for r in opts.resolutions)}")
+    multiple = size_multiple(source)
+    for width, height in opts.resolutions:
+        if min(width, height) < multiple or width % multiple or height % multiple \
+                or max(width, height) > MAX_SIDE:
+            raise ValueError(
+                f"--resolutions {format_size(width, height)}: width and height must be multiples "
+                f"of {multiple} pixels in [{multiple}, {MAX_SIDE}] for this model (the VAE scale "
+                f"{source.vae_scale} x the denoiser's downsampling, and the request contract's "
+                f"{SIZE_MULTIPLE})")
+        try:
+            check_sample_size(source.unet.config, height // source.vae_scale,
+                              width // source.vae_scale)
+        except ValueError as e:
+            raise ValueError(f"--resolutions {format_size(width, height)}: {e}") from None
+    return list(opts.resolutions)
+
+
+def _single_latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
     size = source.unet.config.sample_size
     pixels = (opts.height or size * source.vae_scale, opts.width or size * source.vae_scale)
     for name, px in zip(("height", "width"), pixels):
@@ -266,7 +326,9 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
     from asyncdiff.stages import build_stage_graph
 
     source = load_source(opts.model)
+    fused_loras = fuse_into(source, opts.loras)  # before cutting: every model carries them
     h, w = latent_size(opts, source)
+    sizes = latent_sizes(opts, source)  # every resolution's, the default (h, w) first
     part = partition_unet(source.unet, opts.components, model=opts.model, batch=opts.batch,
                           height=h, width=w, metric=opts.cost, stride=opts.stride,
                           batched_stride=opts.batched_stride, cuts=opts.cuts,
@@ -275,20 +337,24 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
     sampler = InterfaceSampler(graph, h, w)
     components = build_components(graph, part)
     networks = [component_network(c, sampler) for c in components]
-    notes: list[str] = []
+    notes: list[str] = [f.note() for f in fused_loras]
     if source.full_pipeline:
         opts = dataclasses.replace(opts, defaults=folder_defaults(opts, source, part, notes))
-        networks += [*text_encoder_networks(source, part), vae_decoder_network(source.vae, h, w)]
+        px = 2 ** (len(source.vae.config.block_out_channels) - 1)  # pixels per latent cell
+        # The encoder first: the decoder's "image" dtype is the one served_dtypes keeps.
+        networks += [*text_encoder_networks(source, part),
+                     vae_encoder_network(source.vae, h * px, w * px),
+                     vae_decoder_network(source.vae, h, w)]
     else:
         notes.append(f"{opts.model!r} is not a diffusers pipeline folder: only the UNet components "
                      "are exported (no text_encoder, vae_decoder or asyncdiff pipeline model)")
-    artifacts = _export_all(opts, out, networks, part, dict(source.unet.config))
+    artifacts = _export_all(opts, out, networks, part, dict(source.unet.config), sizes)
     _write_configs(opts, out, artifacts, place)
     if source.full_pipeline:
         _write_pipeline(opts, out, _served_partition(part, artifacts), source, h, w, artifacts,
                         place)
     deployment.write(out, place.gpus, part.cross_bytes(interface_bytes(part, artifacts)),
-                     opts.batch, opts.limit)
+                     opts.batch, opts.limit, export_sizes(opts, source))
     engines, commands = _engines(opts, out, artifacts, notes)
     return ExportResult(opts, part, artifacts, engines, commands, notes, time.perf_counter() - start)
 
@@ -315,6 +381,7 @@ def _check_options(opts: ExportOptions) -> None:
         raise ValueError(f"--component-timeout-s must be > 0, got {opts.component_timeout_s}")
     if opts.max_queue_size < 0:
         raise ValueError(f"--max-queue-size must be >= 0, got {opts.max_queue_size}")
+    check_loras(opts.loras, opts.model)  # missing paths, a model that is no pipeline folder
     try:  # the defaults must be a valid request once a prompt is given
         dataclasses.replace(opts.defaults, prompt=opts.defaults.prompt or "x").validate()
     except ValueError as e:
@@ -340,7 +407,10 @@ def placement(opts: ExportOptions) -> Placement:
     return Placement.for_devices(opts.components, opts.stride, opts.batched_stride, gpus)
 
 
-def _export_all(opts, out: Path, networks: list[Network], part, unet_config: dict) -> list[Artifact]:
+def _export_all(opts, out: Path, networks: list[Network], part, unet_config: dict,
+                sizes: list[tuple[int, int]] = ()) -> list[Artifact]:
+    """``sizes``: every resolution's latent (h, w), the default first (several: the networks
+    with spatial dims get dynamic ones, validated at each size)."""
     from tqdm import tqdm
 
     artifacts = []
@@ -351,21 +421,22 @@ def _export_all(opts, out: Path, networks: list[Network], part, unet_config: dic
         if opts.backend == "torch" and net.name.startswith("unet_part_"):
             spec = part.components[int(net.name.rsplit("_", 1)[1])]
             artifacts.append(save_torch_component(net, unet_config, spec, version, opts.batch,
-                                                  opts.fp16, opts.validate))
+                                                  opts.fp16, opts.validate, sizes))
         else:
             artifacts.append(export_network(net, version / ONNX_FILE, _batch_of(opts, net.name),
-                                            opts.fp16, opts.validate))
+                                            opts.fp16, opts.validate, sizes))
     return artifacts
 
 
 def _batch_of(opts: ExportOptions, name: str) -> int:
-    # The VAE decodes one latent per prompt: half the CFG batch.
-    return max(1, opts.batch // 2) if name == VAE_DECODER.model else opts.batch
+    # The VAE decodes (and encodes) one image per prompt: half the CFG batch.
+    return max(1, opts.batch // 2) if name in (VAE_DECODER.model, VAE_ENCODER.model) else opts.batch
 
 
 def static_engines(opts) -> bool:
-    """TensorRT with ``--max-batch`` = ``--batch``: one shape per engine, run with CUDA graphs."""
-    return opts.backend == "tensorrt" and opts.limit == opts.batch
+    """TensorRT with ``--max-batch`` = ``--batch`` and one resolution: one shape per engine,
+    run with CUDA graphs."""
+    return opts.backend == "tensorrt" and opts.limit == opts.batch and len(opts.resolutions) <= 1
 
 
 def _max_batch_of(opts, name: str) -> int:
@@ -377,7 +448,8 @@ def _write_configs(opts, out: Path, artifacts: list[Artifact], place: Placement)
         gpus, count = repo_mod.model_placement(art.name, place)
         config = repo_mod.network_config(art.name, art.inputs, art.outputs, opts.backend,
                                          art.runtime, art.path.name, _max_batch_of(opts, art.name),
-                                         gpus, count, cuda_graphs=static_engines(opts))
+                                         gpus, count, cuda_graphs=static_engines(opts),
+                                         profiles=max(1, len(art.size_shapes)))
         repo_mod.write(out, config)
 
 
@@ -410,8 +482,8 @@ def served_dtypes(part, artifacts: list[Artifact]) -> dict[str, str]:
 
 def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
                     artifacts: list[Artifact], place: Placement) -> None:
-    vae = next(a for a in artifacts if a.name == VAE_DECODER.model)
-    _, height, width = vae.outputs[0].shape
+    resolutions = tuple(export_sizes(opts, source))
+    width, height = resolutions[0]
     params = PipelineParams(
         component_models=tuple(c.name for c in part.components),
         latent_shape=(source.unet.config.in_channels, h, w), image_shape=(height, width, 3),
@@ -419,17 +491,21 @@ def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
         component_timeout_s=opts.component_timeout_s, device=place.device(place.pipeline_rank),
         dtypes=served_dtypes(part, artifacts), gpus=place.gpus,
         max_batch_requests=opts.max_batch_requests, max_queue_size=opts.max_queue_size,
-        max_batch_sizes={a.name: _max_batch_of(opts, a.name) for a in artifacts})
-    params = dataclasses.replace(params, **conditioning_params(source, part))
+        max_batch_sizes={a.name: _max_batch_of(opts, a.name) for a in artifacts},
+        resolutions=resolutions)
+    params = dataclasses.replace(params, **conditioning_params(source, part), img2img=True,
+                                 vae_encoder=VAE_ENCODER)
     files = repo_mod.pipeline_files(part, params, source.scheduler_config, source.tokenizer_dir)
     files.update(tokenizer_2_files(source, params))
     repo_mod.write_pipeline(out, params, files)
 
 
-def _profile(opts, art: Artifact, onnx_path: Path) -> trt_mod.Profile:
+def _profile(opts, art: Artifact, onnx_path: Path) -> list[trt_mod.Profile]:
+    """The engine's optimization profiles: one per resolution for a network with spatial dims
+    exported at several (``Artifact.size_shapes``), else one."""
     opt = _batch_of(opts, art.name)
-    return trt_mod.graph_profile(onnx_path, opt if static_engines(opts) else 1, opt,
-                                 _max_batch_of(opts, art.name))
+    return trt_mod.graph_profiles(onnx_path, opt if static_engines(opts) else 1, opt,
+                                  _max_batch_of(opts, art.name), list(art.size_shapes.values()))
 
 
 def _fp16(art: Artifact) -> bool:
@@ -473,6 +549,10 @@ def summary(result: ExportResult) -> str:
              f"latent={part.latent_height}x{part.latent_width} {'fp16' if opts.fp16 else 'fp32'}",
              "", f"{'model':14s} {'stages':22s} {'cost':>6s} {'in/step':>10s} {'out/step':>10s} "
              f"{'max|err|':>9s} {'time':>6s}"]
+    if len(opts.resolutions) > 1:
+        lines.insert(1, "resolutions (WIDTHxHEIGHT, the default first): "
+                     + ", ".join(format_size(*r) for r in opts.resolutions)
+                     + " (one partition at the default; dynamic spatial dims)")
     by_name = {a.name: a for a in result.artifacts}
     for comp in part.components:
         art = by_name[comp.name]
@@ -535,6 +615,9 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
     p.add_argument("--backend", default="onnxruntime", choices=repo_mod.BACKENDS)
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--resolutions", metavar="WxH,...",
+                   help="every size served, WIDTHxHEIGHT pixels, comma-separated, the default "
+                   "first, e.g. 512x512,768x512 (instead of --height/--width)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one prompt with CFG)")
     p.add_argument("--max-batch", type=int, help="dynamic batching / engine max (default 4*batch)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and interface tensors")
@@ -558,13 +641,20 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
     p.add_argument("--layout", default="sequential", choices=("sequential", "outer-ring"),
                    help="outer-ring: the last component holds the first and the last stages "
                    "(the paper's SDXL split)")
-    add_request_arguments(p, Request())  # the pipeline's defaults for omitted inputs
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="diffusers/PEFT LoRA weights (folder or .safetensors) fused into the UNet "
+                   "and text encoders at SCALE (default 1.0); repeatable")
+    # The pipeline's defaults for omitted inputs; HEIGHT/WIDTH default to the deployment's
+    # default size (the first of --resolutions), so their request options are left out: here
+    # --height/--width are the export size.
+    add_request_arguments(_Without(p, SIZE_FLAGS), Request())
     # Left out: taken from the pipeline folder (its scheduler, its family's guidance).
     p.set_defaults(**{f: None for f in FOLDER_DEFAULTS})
     a = p.parse_args(argv)
     from_folder = frozenset(f for f in FOLDER_DEFAULTS if getattr(a, f) is None)
     for f in from_folder:
         setattr(a, f, getattr(Request(), f))
+    resolutions = _parse_resolutions(p, a)
     cuts = [c.strip() for c in a.cuts.split(",") if c.strip()] if a.cuts else None
     components = a.components or (len(cuts) + 1 if cuts else None)
     if components is None:
@@ -576,12 +666,48 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
     return ExportOptions(
         model=a.model, components=components, stride=a.stride, backend=a.backend, out=a.out,
         height=a.height, width=a.width, batch=a.batch, max_batch=a.max_batch, fp16=a.fp16,
+        resolutions=resolutions,
         gpus=gpus, batched_stride=a.batched_stride, cuts=cuts, cost=a.cost,
         build_engines=a.build_engines, overwrite=a.overwrite, progress=not a.no_progress,
         validate=not a.no_validate, component_timeout_s=a.component_timeout_s,
         max_queue_size=a.max_queue_size, layout=a.layout, folder_defaults=from_folder,
-        defaults=Request(**{f.field: getattr(a, f.field) for f in INPUTS if not f.required}),
+        loras=tuple(LoraSpec.parse(x) for x in a.lora),
+        defaults=Request(**{f.field: getattr(a, f.field) for f in INPUTS
+                            if not f.required and f"--{f.field}" not in SIZE_FLAGS}),
     )
+
+
+SIZE_FLAGS = ("--height", "--width")
+
+
+class _Without:
+    """``parser`` without some of the options ``add_request_arguments`` would add to it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, flags: tuple[str, ...]):
+        self.parser, self.flags = parser, flags
+
+    def add_argument(self, flag: str, **kwargs):
+        if flag not in self.flags:
+            self.parser.add_argument(flag, **kwargs)
+
+
+def _parse_resolutions(p: argparse.ArgumentParser, a) -> tuple[tuple[int, int], ...]:
+    """``--resolutions 512x512,768x512`` -> ((512, 512), (768, 512)); usage errors exit 2.
+    Whether the model can take them is checked at export (``export_sizes``)."""
+    if a.resolutions is None:
+        return ()
+    if a.height is not None or a.width is not None:
+        p.error("give --resolutions or --height/--width, not both (the first of --resolutions "
+                "is the default size)")
+    try:
+        sizes = tuple(parse_size(s.strip()) for s in a.resolutions.split(",") if s.strip())
+    except ValueError as e:
+        p.error(f"--resolutions: {e}")
+    if not sizes:
+        p.error("--resolutions needs at least one WIDTHxHEIGHT size, e.g. 512x512")
+    if len(set(sizes)) != len(sizes):
+        p.error(f"--resolutions lists a size twice: {a.resolutions}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from asyncdiff.contract import (
     MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, STREAM_MODEL_NAME, STREAM_OUTPUTS,
-    TEXT_ENCODER, TEXT_ENCODER_2, UNARY_BACKEND, VAE_DECODER, IOField, PipelineParams, model_inputs,
+    TEXT_ENCODER, TEXT_ENCODER_2, UNARY_BACKEND, VAE_DECODER, VAE_ENCODER, IOField, PipelineParams,
+    model_inputs,
 )
 from asyncdiff.placement import Placement
 from export.onnx_export import IOSpec
@@ -42,7 +43,7 @@ from export.triton_config import (
 )
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-NETWORK_MODELS = (TEXT_ENCODER.model, TEXT_ENCODER_2.model, VAE_DECODER.model)
+NETWORK_MODELS = (TEXT_ENCODER.model, TEXT_ENCODER_2.model, VAE_ENCODER.model, VAE_DECODER.model)
 
 
 def triton_tensors(specs: Sequence[IOSpec]) -> list[ModelTensor]:
@@ -53,15 +54,18 @@ def triton_tensors(specs: Sequence[IOSpec]) -> list[ModelTensor]:
 
 def network_config(name: str, inputs: Sequence[IOSpec], outputs: Sequence[IOSpec], backend: str,
                    runtime: str, artifact: str, max_batch: int, gpus: Sequence[int], count: int,
-                   cuda_graphs: bool = False):
+                   cuda_graphs: bool = False, profiles: int = 1):
     """The config of one network model: an instance on each of ``gpus``, or ``count`` on the CPU.
-    ``cuda_graphs``: a static-shape TensorRT plan, run through CUDA graphs."""
+    ``cuda_graphs``: a static-shape TensorRT plan, run through CUDA graphs. Spatial dims the
+    specs leave dynamic (-1: several resolutions) stay -1; ``profiles``: the TensorRT engine's
+    optimization profiles (one per resolution)."""
     ins, outs = triton_tensors(inputs), triton_tensors(outputs)
     if backend == "tensorrt":
         if not gpus:
             raise ValueError(f"{name}: the tensorrt backend needs GPUs (--gpus)")
         config = tensorrt_model_config(name, ins, outs, gpu=gpus[0], max_batch_size=max_batch,
-                                       dynamic_batching=True, cuda_graphs=cuda_graphs)
+                                       dynamic_batching=True, cuda_graphs=cuda_graphs,
+                                       profiles=profiles)
         config.instance_group[0].gpus.extend(gpus[1:])  # one group, one instance per GPU listed
         return config
     return component_model_config(name, ins, outs, runtime=runtime, artifact=artifact,
@@ -78,21 +82,21 @@ def model_placement(name: str, place: Placement) -> tuple[tuple[int, ...], int]:
     return (() if place.pipeline_gpu is None else (place.pipeline_gpu,)), 1
 
 
-def _model_tensor(f: IOField, dims: Sequence[int] | None = None) -> ModelTensor:
-    return tensor(f.name, NUMPY_DTYPES[f.dtype], f.dims if dims is None else dims)
+def _model_tensor(f: IOField) -> ModelTensor:
+    # The contract's dims: IMAGE [NUM_IMAGES, H, W, 3], LATENTS [NUM_IMAGES, C, h, w] and
+    # PREVIEW [H, W, 3] are all -1 but the channels, whatever sizes the deployment serves.
+    return tensor(f.name, NUMPY_DTYPES[f.dtype], f.dims)
 
 
 def pipeline_config(params: PipelineParams):
     """The engine (``asyncdiff_stream``): decoupled, one instance, ``max_batch_size: 0``."""
-    shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape,
-              "PREVIEW": params.image_shape}
     parameters = params.to_parameters()
     # Triton's own: on a GPU, BLS responses stay in GPU memory instead of being copied to the host.
     parameters[FORCE_CPU_ONLY] = "yes" if params.device == "cpu" else "no"
     inputs = model_inputs(params, stream=True)
     config = python_model_config(
         STREAM_MODEL_NAME, [_model_tensor(f) for f in inputs],
-        [_model_tensor(f, shapes.get(f.name)) for f in STREAM_OUTPUTS],
+        [_model_tensor(f) for f in STREAM_OUTPUTS],
         backend=PIPELINE_BACKEND, max_batch_size=0, parameters=parameters)
     config.model_transaction_policy.decoupled = True
     _mark_optional(config, inputs)
@@ -101,11 +105,10 @@ def pipeline_config(params: PipelineParams):
 
 def unary_config(params: PipelineParams):
     """``asyncdiff``: the contract's IO; an instance per request in flight; a bounded queue."""
-    shapes = {"IMAGE": params.image_shape, "LATENTS": params.latent_shape}
     inputs = model_inputs(params, stream=False)  # forwarded as they came (SDXL: sizes too)
     config = python_model_config(
         MODEL_NAME, [_model_tensor(f) for f in inputs],
-        [_model_tensor(f, shapes.get(f.name)) for f in OUTPUTS],
+        [_model_tensor(f) for f in OUTPUTS],
         backend=UNARY_BACKEND, max_batch_size=0, count=params.max_batch_requests)
     _mark_optional(config, inputs)
     # Triton's queue policy works without batching: a full queue answers UNAVAILABLE at once.

@@ -159,17 +159,25 @@ def tensorrt_model_config(
     max_queue_delay_us: int = 100,
     plan_file: str = "model.plan",
     cuda_graphs: bool = False,
+    profiles: int = 1,
 ) -> mc.ModelConfig:
     """A TensorRT engine pinned to one GPU (needs a server with the tensorrt backend).
 
     ``cuda_graphs``: the backend captures the engine's launches as CUDA graphs (static shapes).
+    ``profiles``: optimization profiles in the engine (one per exported resolution); with
+    more than one the instances list them all (unlisted, Triton uses profile 0 only) and the
+    backend picks, per call, the one its input shapes fit.
     """
+    if profiles < 1:
+        raise ValueError(f"profiles: {profiles}; expected >= 1")
     config = _base(name, inputs, outputs, max_batch_size)
     config.platform = "tensorrt_plan"
     if cuda_graphs:
         config.optimization.cuda.graphs = True
     config.default_model_filename = plan_file
     config.instance_group.append(_instance_group("gpu", [gpu], count))
+    if profiles > 1:
+        config.instance_group[0].profile.extend(str(i) for i in range(profiles))
     if dynamic_batching:
         _enable_dynamic_batching(config, max_queue_delay_us)
     return config

@@ -13,6 +13,10 @@ recommended size per GPU is
 replace, are still held; max_batch / batch is how many requests can share one batched
 component call. The whole round is counted on every GPU (an upper bound: a GPU only holds
 what crosses into or out of its own component). Never below Triton's default.
+
+With several resolutions (``export --resolutions``) the round is the largest one's: the
+hidden/skip tensors are spatial, so a round's bytes scale with the latent area (exactly,
+since every size divides by the UNet's downsampling).
 """
 
 from __future__ import annotations
@@ -37,11 +41,28 @@ def cuda_pool_bytes(bytes_per_round: int, batch: int, max_batch: int) -> int:
     return max(TRITON_DEFAULT_POOL_BYTES, math.ceil(need / MIB) * MIB)
 
 
+def largest_round_bytes(bytes_per_round: int, resolutions=()) -> int:
+    """``bytes_per_round`` (at the first of ``resolutions``, (width, height) pixels) scaled to
+    the largest one's latent area; ``bytes_per_round`` itself without resolutions."""
+    if not resolutions:
+        return bytes_per_round
+    areas = [w * h for w, h in resolutions]
+    if min(areas) <= 0:
+        raise ValueError(f"resolutions must be positive (width, height) pairs, got {resolutions}")
+    return math.ceil(bytes_per_round * max(areas) / areas[0])
+
+
 def write(repo: str | Path, gpus: list[int] | tuple[int, ...] | None, bytes_per_round: int,
-          batch: int, max_batch: int) -> dict:
-    info = {"gpus": None if gpus is None else list(gpus), "bytes_per_round": bytes_per_round,
+          batch: int, max_batch: int, resolutions=()) -> dict:
+    """``bytes_per_round`` at the default (first) of ``resolutions`` ((width, height) pixels,
+    every exported size); the pool is sized at the largest."""
+    largest = largest_round_bytes(bytes_per_round, resolutions)
+    info = {"gpus": None if gpus is None else list(gpus), "bytes_per_round": largest,
             "batch": batch, "max_batch": max_batch,
-            "cuda_memory_pool_bytes": cuda_pool_bytes(bytes_per_round, batch, max_batch)}
+            "cuda_memory_pool_bytes": cuda_pool_bytes(largest, batch, max_batch)}
+    if resolutions:
+        info["resolutions"] = [list(r) for r in resolutions]
+        info["default_bytes_per_round"] = bytes_per_round
     (Path(repo) / FILE).write_text(json.dumps(info, indent=1) + "\n")
     return info
 

@@ -25,11 +25,13 @@ def small_unets():
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory):
-    """The tiny model exported for N=2, S=1 on onnxruntime, as `make demo` serves it."""
+    """The tiny model exported for N=2, S=1 on onnxruntime, as `make demo` serves it, with a
+    second size (24 wide) for the tests of per-request sizes."""
     from export import cli
 
     out = tmp_path_factory.mktemp("tiny-n2s1")
-    assert cli.main(["--model", "tiny", "--components", "2", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["--model", "tiny", "--components", "2", "--out", str(out), "--no-progress",
+                     "--resolutions", "16x16,24x16"]) == 0
     return out
 
 

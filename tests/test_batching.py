@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from asyncdiff.batching import CallBatcher, ModelCall
+from asyncdiff.batching import CallBatcher, ModelCall, Slots
 from asyncdiff.generation import Generation
 from asyncdiff.contract import Request
 from asyncdiff.partition import partition_unet
@@ -66,6 +66,55 @@ def test_members_waves_are_merged_per_model_and_split_back():
     assert float(rc[0][0]["y"][0]) == 6.0 and [float(o["y"][0]) for o in rc[1]] == [8.0, 80.0]
     assert all(o["y"].shape == (2, 1) for wave in ra + rc for o in wave)
     assert (b.stats.ticks, b.stats.requested_calls, b.stats.model_calls, b.stats.rows) == (2, 6, 4, 12)
+
+
+def test_calls_of_different_shapes_share_a_tick_not_a_call():
+    rec = Recorder()
+
+    async def main():
+        b = batcher(rec, signature=lambda t: tuple(t.shape[1:]))
+        small = ModelCall("c0", {"x": torch.ones(2, 1)}, ["y"])
+        wide = ModelCall("c0", {"x": torch.ones(2, 3)}, ["y"])
+        out = await asyncio.gather(b.run([small]), b.run([wide]), b.run([small]))
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert sorted(rec.calls) == [("c0", 2), ("c0", 4)]  # the two [2, 1] calls merged
+    assert [o[0]["y"].shape for o in out] == [(2, 1), (2, 3), (2, 1)]
+
+
+def test_slots_are_taken_k_at_a_time_in_arrival_order():
+    async def main():
+        slots, order = Slots(4), []
+
+        async def request(name, k, hold):
+            await slots.acquire(k)
+            order.append(name)
+            await asyncio.sleep(hold)
+            slots.release(k)
+
+        # a holds 3; b (2) must wait, and c (1) arrives after b: it may not overtake b.
+        tasks = [asyncio.ensure_future(request("a", 3, 0.02))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(request("b", 2, 0.01)))
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(request("c", 1, 0.01)))
+        await asyncio.sleep(0)
+        assert (slots.free, slots.waiting) == (1, 2)
+        await asyncio.gather(*tasks)
+        # a waiter cancelled in the queue leaves it; the next one is granted
+        await slots.acquire(4)
+        waiter = asyncio.ensure_future(slots.acquire(1))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        slots.release(4)
+        with pytest.raises(ValueError):
+            await slots.acquire(5)
+        return order, slots.free, slots.waiting
+
+    assert asyncio.run(main()) == (["a", "b", "c"], 4, 0)
 
 
 def test_a_tick_waits_for_every_member():

@@ -57,11 +57,12 @@ def test_pipeline_config_io_is_the_contracts():
     assert [(i.name, i.optional) for i in engine.input] == \
         [(f.name, not f.required) for f in STREAM_INPUTS]
     assert [(i.name, i.optional) for i in unary.input] == [(f.name, not f.required) for f in INPUTS]
+    # [NUM_IMAGES, H, W, 3] / [NUM_IMAGES, C, h, w] at any served size; PREVIEW: the first image
     assert {o.name: list(o.dims) for o in engine.output} == {
-        "IMAGE": [768, 640, 3], "LATENTS": [4, 96, 80], "STEP": [2], "PREVIEW": [768, 640, 3],
+        "IMAGE": [-1, -1, -1, 3], "LATENTS": [-1, -1, -1, -1], "STEP": [2], "PREVIEW": [-1, -1, 3],
         "ERROR": [1]}
-    assert {o.name: list(o.dims) for o in unary.output} == {"IMAGE": [768, 640, 3],
-                                                            "LATENTS": [4, 96, 80]}
+    assert {o.name: list(o.dims) for o in unary.output} == {"IMAGE": [-1, -1, -1, 3],
+                                                            "LATENTS": [-1, -1, -1, -1]}
     assert parameters_of(engine)["FORCE_CPU_ONLY_INPUT_TENSORS"] == "yes"
     assert not unary.parameters
     assert unary.instance_group[0].count == 3  # one per request in flight

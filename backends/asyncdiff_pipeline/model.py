@@ -2,10 +2,12 @@
 
 A decoupled model with ``async def execute``: the python backend does not wait
 for it, so every request runs as its own task and many are in flight at once.
-Per request: parse and validate (``asyncdiff.contract``), wait for a batch slot
-(``max_batch_requests``; beyond ``max_queue_size`` waiting, "server busy"),
-tokenize -> the text encoder(s) -> the conditioning -> a core ``Generation`` ->
-``vae_decoder``. The conditioning is the partition's (``asyncdiff.conditioning``):
+Per request: parse and validate (``asyncdiff.contract``: the size among the
+exported ones, NUM_IMAGES within ``max_batch_requests``), wait for one batch
+slot per image (beyond ``max_queue_size`` waiting, "server busy"), tokenize ->
+the text encoder(s) -> the conditioning, repeated per image -> with INIT_IMAGE
+the ``vae_encoder`` and the re-noised latents (``asyncdiff.img2img``) -> one
+core ``Generation`` of NUM_IMAGES rows (seeds SEED, SEED+1, ...) -> ``vae_decoder``. The conditioning is the partition's (``asyncdiff.conditioning``):
 SD's text states are ``text_encoder``'s output as it is; SDXL's are both
 encoders' penultimate states concatenated, with ``text_encoder_2``'s pooled
 ``text_embeds`` and the ``time_ids`` of the request's size inputs, as diffusers
@@ -35,6 +37,7 @@ stay host tensors. On the CPU no call states a preferred memory.
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 
@@ -42,18 +45,20 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from asyncdiff.batching import CallBatcher, ModelCall
+from asyncdiff import img2img
+from asyncdiff.batching import CallBatcher, ModelCall, Slots
 from asyncdiff.conditioning import (
     SD, SDXL, TEXT_STATES, cfg_token_ids_each, conditioning_kind, parse_size_inputs,
     sdxl_conditioning, zero_negative,
 )
 from asyncdiff.contract import (
-    BUSY_MESSAGE, CANCELLED_MESSAGE, PREVIEW_EVERY, PipelineParams, Request,
+    BUSY_MESSAGE, CANCELLED_MESSAGE, INIT_IMAGE, MAX_STEPS, PREVIEW_EVERY, SCHEDULERS,
+    PipelineParams, Request,
 )
-from asyncdiff.generation import Generation, latent_input
+from asyncdiff.generation import Generation, cfg_batch, latent_input, make_scheduler
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
-from asyncdiff.pipeline import to_uint8_image
+from asyncdiff.pipeline import to_uint8_images
 
 HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -115,15 +120,23 @@ class TritonPythonModel:
         self.pipeline_memory = _memory(place.output_gpu())
         self.batcher = CallBatcher(self._infer, rows=lambda t: t.shape()[0], concat=self._concat,
                                    split=self._split, max_rows=p.max_batch_sizes,
-                                   separate_repeats=part.stride == 2 and not part.batched_stride)
-        self.slots = asyncio.Semaphore(p.max_batch_requests)
-        self.waiting = 0  # requests parsed and waiting for a slot
+                                   separate_repeats=part.stride == 2 and not part.batched_stride,
+                                   signature=lambda t: tuple(t.shape()[1:]))
+        self.slots = Slots(p.max_batch_requests)  # one per image in flight
+        self.vae_scale = p.image_shape[0] // p.latent_shape[1]  # pixels per latent cell
         self.running: set[str] = set()  # request ids in flight
         self.cancelled: set[str] = set()  # ... whose forwarder asked to stop
         self.tasks: set[asyncio.Task] = set()
         self.orphans = set()  # component calls that timed out but are still running in Triton
         self.reloads: dict[str, asyncio.Future] = {}  # models being reloaded after a crash
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
+        self._warm_up()
+
+    def _warm_up(self):
+        """Pay the first request's one-time costs at load: importing diffusers' schedulers (the
+        bulk of a cold first request) and the tokenizers' first call."""
+        self.max_steps = {name: _max_steps(name, self.scheduler_config) for name in SCHEDULERS}
+        cfg_token_ids_each(self.tokenizers, Request("warm-up"))
 
     async def execute(self, requests):
         for request in requests:  # decoupled: answered through each request's response sender
@@ -163,38 +176,43 @@ class TritonPythonModel:
             if cancel in self.running:
                 self.cancelled.add(cancel)
             return pb_utils.InferenceResponse(output_tensors=[])
+        p = self.params
         try:  # only parsing and validation are the client's to fix
-            req = Request.from_inputs(lambda name: _input(request, name), self.params.defaults)
+            req = Request.from_inputs(lambda name: _input(request, name), p.defaults)
+            _check_steps(req, self.max_steps[req.scheduler])
+            width, height = p.request_size(req)
+            images = p.request_images(req)
             preview_every = _preview_every(_input(request, PREVIEW_EVERY.name), req.steps)
+            init_image = self._init_image(request, req, height, width)
             ids = cfg_token_ids_each(self.tokenizers, req)
-            sizes = self._sizes(request)
+            sizes = self._sizes(request, height, width)
         except ValueError as exc:
             raise Refused(str(exc), pb_utils.TritonError.INVALID_ARG) from None
-        p = self.params
-        if self.slots.locked() and self.waiting >= p.max_queue_size:
-            raise Refused(f"{BUSY_MESSAGE}: {p.max_batch_requests} requests in flight and "
-                          f"{self.waiting} waiting (max_queue_size {p.max_queue_size}); retry later",
-                          pb_utils.TritonError.UNAVAILABLE)
-        self.waiting += 1
-        try:
-            await self.slots.acquire()
-        finally:
-            self.waiting -= 1
+        if not self.slots.available(images) and self.slots.waiting >= p.max_queue_size:
+            raise Refused(f"{BUSY_MESSAGE}: {self.slots.capacity - self.slots.free} images in "
+                          f"flight (max_batch_requests {p.max_batch_requests}) and "
+                          f"{self.slots.waiting} requests waiting (max_queue_size "
+                          f"{p.max_queue_size}); retry later", pb_utils.TritonError.UNAVAILABLE)
+        await self.slots.acquire(images)
         rid = request.request_id()
         self.running.add(rid)
         try:
-            return await self._generate(request, sender, req, ids, sizes, preview_every)
+            return await self._generate(request, sender, req, (height, width), ids, sizes,
+                                        init_image, preview_every)
         finally:
             self.running.discard(rid)
             self.cancelled.discard(rid)
-            self.slots.release()
+            self.slots.release(images)
 
-    async def _generate(self, request, sender, req, ids, sizes, preview_every):
+    async def _generate(self, request, sender, req, size, ids, sizes, init_image, preview_every):
         outputs = set(request.requested_output_names()) or {"IMAGE", "LATENTS", "STEP"}
         self._check_cancelled(request, 0)
-        conditioning = await self._encode(req, ids, sizes)
-        gen = Generation(self.partition, [req], conditioning, self.scheduler_config,
-                         device=self.device, to_executor=self._to_triton, from_executor=self._noise_pred)
+        rows = [dataclasses.replace(req, seed=seed, num_images=1) for seed in req.seeds()]
+        conditioning = await self._encode(req, ids, sizes, len(rows))
+        start = {} if init_image is None else await self._init_latents(init_image, rows)
+        gen = Generation(self.partition, rows, conditioning, self.scheduler_config,
+                         device=self.device, latent_size=tuple(n // self.vae_scale for n in size),
+                         to_executor=self._to_triton, from_executor=self._noise_pred, **start)
         sent: set[int] = set()
         async with self.batcher.member() as member:  # await nothing but member.run in here
             for i in range(gen.steps):
@@ -204,14 +222,15 @@ class TritonPythonModel:
                 gen.advance(i)
                 progress = [pb_utils.Tensor("STEP", np.array([i + 1, gen.steps], np.int32))]
                 if preview_every and (i + 1) % preview_every == 0 and i + 1 < gen.steps \
-                        and "PREVIEW" in outputs:
-                    progress.append(pb_utils.Tensor("PREVIEW", await self._decode(gen.latents, member)))
+                        and "PREVIEW" in outputs:  # the first image's current estimate
+                    preview = await self._decode(gen.latents[:1], size, member)
+                    progress.append(pb_utils.Tensor("PREVIEW", preview[0]))
                 if i + 1 < gen.steps:
                     sender.send(pb_utils.InferenceResponse(
                         output_tensors=[t for t in progress if t.name() in outputs]))
-        image = await self._decode(gen.latents)
-        final = [pb_utils.Tensor("IMAGE", image),
-                 pb_utils.Tensor("LATENTS", gen.latents[0].cpu().numpy().astype(np.float32)),
+        images = await self._decode(gen.latents, size)
+        final = [pb_utils.Tensor("IMAGE", images),
+                 pb_utils.Tensor("LATENTS", gen.latents.cpu().numpy().astype(np.float32)),
                  pb_utils.Tensor("STEP", np.array([gen.steps, gen.steps], np.int32))]
         return pb_utils.InferenceResponse(output_tensors=[t for t in final if t.name() in outputs])
 
@@ -220,45 +239,71 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"asyncdiff: request cancelled before step {step}")
             raise Refused(f"{CANCELLED_MESSAGE} before step {step}", pb_utils.TritonError.CANCELLED)
 
-    def _sizes(self, request):
+    def _sizes(self, request, height, width):
         """SDXL's size conditioning (the request's ORIGINAL_SIZE / CROPS_COORDS_TOP_LEFT, else
-        diffusers' defaults); None for SD, whose models do not declare those inputs."""
+        diffusers' defaults for its size); None for SD, whose models do not declare those inputs."""
         if self.kind != SDXL:
             return None
-        height, width, _ = self.params.image_shape
         return parse_size_inputs(lambda name: _input(request, name), height, width)
 
+    def _init_image(self, request, req, height, width):
+        """INIT_IMAGE (uint8 [HEIGHT, WIDTH, 3]) or None; checked with STRENGTH before any work."""
+        image = _input(request, INIT_IMAGE.name)
+        if image is None:
+            return None
+        if image.shape != (height, width, 3):
+            raise ValueError(f"INIT_IMAGE must be [HEIGHT, WIDTH, 3] = [{height}, {width}, 3] (the "
+                             f"request's size), got {list(image.shape)}")
+        img2img.steps_to_run(req.steps, req.strength, req.warmup)  # STRENGTH leaves enough steps
+        return image
+
     # -- model calls ---------------------------------------------------------
-    async def _encode(self, req, ids, sizes):
-        """The components' conditioning of one request ([uncond; cond] rows), by name: Triton
-        tensors or torch tensors that ``Generation`` converts with ``_to_triton``."""
+    async def _encode(self, req, ids, sizes, images):
+        """The components' conditioning of one request, its [uncond; cond] rows repeated for
+        ``images`` images ([uncond x k; cond x k]), by name: Triton tensors or torch tensors
+        that ``Generation`` converts with ``_to_triton``."""
         # Every text encoder in one run: batched with other requests' calls, side by side.
         calls = [ModelCall(net.model, {net.input: pb_utils.Tensor(net.input, i)}, outs)
                  for (net, outs), i in zip(self.encoders, ids, strict=True)]
         outs = await self.batcher.run(calls)
         if self.kind == SD:
             out = outs[0][self.params.text_encoder.output]
-            if self.dtypes.get(self.params.text_encoder.output) == self.dtypes.get(TEXT_STATES):
+            if images == 1 and (self.dtypes.get(self.params.text_encoder.output)
+                                == self.dtypes.get(TEXT_STATES)):
                 # the served dtype already: renamed, not copied
                 return {TEXT_STATES: pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())}
-            return {TEXT_STATES: _to_torch(out, self.device)}
-        p = self.params
-        states = [_to_torch(o[net.output], self.device) for o, (net, _) in zip(outs, self.encoders)]
-        pooled = _to_torch(outs[1][p.text_encoder_2_pooled], self.device)
-        return sdxl_conditioning(states, pooled, sizes,
-                                 zero_negative(req, p.force_zeros_for_empty_prompt))
+            pair = {TEXT_STATES: _to_torch(out, self.device)}
+        else:
+            p = self.params
+            states = [_to_torch(o[net.output], self.device)
+                      for o, (net, _) in zip(outs, self.encoders)]
+            pooled = _to_torch(outs[1][p.text_encoder_2_pooled], self.device)
+            pair = sdxl_conditioning(states, pooled, sizes,
+                                     zero_negative(req, p.force_zeros_for_empty_prompt))
+        return {name: cfg_batch([value] * images) for name, value in pair.items()}
 
-    async def _decode(self, latents, member=None):
-        """The first latent as a uint8 image ([H, W, 3])."""
+    async def _init_latents(self, image, rows):
+        """img2img: the VAE encoder's posterior of INIT_IMAGE, sampled and noised per image with
+        its own seed (``asyncdiff.img2img``): the Generation's starting point."""
+        net = self.params.vae_encoder
+        x = self._to_triton(net.input, img2img.preprocess(image, *image.shape[:2]))
+        out = (await self.batcher.run([ModelCall(net.model, {net.input: x}, [net.output])]))[0]
+        moments = _to_torch(out[net.output], self.device).float()
+        latents, noise = img2img.init_latents(moments.expand(len(rows), -1, -1, -1),
+                                              [r.seed for r in rows], self.params.vae_scaling_factor)
+        return {"init_latents": latents, "noise": noise}
+
+    async def _decode(self, latents, size, member=None):
+        """Latents [k, C, h, w] as uint8 images [k, HEIGHT, WIDTH, 3]."""
         net = self.params.vae_decoder
-        z = self._to_triton(net.input, latents[:1] / self.params.vae_scaling_factor)
+        z = self._to_triton(net.input, latents / self.params.vae_scaling_factor)
         calls = [ModelCall(net.model, {net.input: z}, [net.output])]
         out = (await (member.run(calls) if member else self.batcher.run(calls)))[0]
-        image = to_uint8_image(_to_torch(out[net.output], torch.device("cpu")).float())
-        if image.shape != tuple(self.params.image_shape):  # a server-side fault: INTERNAL
-            raise ValueError(f"{net.model} returned an image of shape {list(image.shape)}, "
-                             f"expected image_shape {list(self.params.image_shape)}")
-        return image
+        images = to_uint8_images(_to_torch(out[net.output], torch.device("cpu")).float())
+        if images.shape != (latents.shape[0], *size, 3):  # a server-side fault: INTERNAL
+            raise ValueError(f"{net.model} returned images of shape {list(images.shape)}, "
+                             f"expected {[latents.shape[0], *size, 3]}")
+        return images
 
     def _to_triton(self, name, tensor):
         """torch -> a Triton tensor of the served dtype, without a host copy on a GPU. A name
@@ -340,6 +385,28 @@ def _fresh(calls, sent: set[int]):
         c.inputs = {n: _copy(t) if id(t) in sent else t for n, t in c.inputs.items()}
         sent.update(id(t) for t in c.inputs.values())
     return calls
+
+
+def _max_steps(scheduler, config):
+    """The most STEPS the scheduler takes on this model: with ``leading`` spacing and a
+    ``steps_offset``, near 1000 steps its first timestep is num_train_timesteps itself, out
+    of the noise schedule (DDIM fails, DPM-Solver++ diverges); DPM-Solver++ at 1000 repeats
+    one timestep."""
+    trained, steps = config.get("num_train_timesteps", MAX_STEPS), MAX_STEPS
+    while steps > 1:
+        s = make_scheduler(scheduler, config)
+        s.set_timesteps(steps)
+        t = s.timesteps
+        if float(t.max()) < trained and len(set(t.tolist())) == len(t):  # distinct, in range
+            break
+        steps -= 1
+    return steps
+
+
+def _check_steps(req, max_steps):
+    if req.steps > max_steps:
+        raise ValueError(f"STEPS must be in [1, {max_steps}] with SCHEDULER {req.scheduler} on this "
+                         f"model (more would start outside its noise schedule), got {req.steps}")
 
 
 def _parameters(request):

@@ -53,7 +53,9 @@ def _inputs(mod, prompt, scalars):
 def generate(server, **kw):
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         result = client.infer("asyncdiff", grpc_inputs(**kw))
-    return result.as_numpy("IMAGE"), result.as_numpy("LATENTS")
+    images, latents = result.as_numpy("IMAGE"), result.as_numpy("LATENTS")
+    assert len(images) == len(latents) == kw.get("NUM_IMAGES", 1)  # [NUM_IMAGES, ...]
+    return (images, latents) if "NUM_IMAGES" in kw else (images[0], latents[0])
 
 
 def local(reference, seed, **kw):
@@ -73,7 +75,7 @@ def test_grpc_matches_the_local_runner(server, reference):
 def test_http_returns_the_same_image(server):
     with httpclient.InferenceServerClient(server.http_url) as client:
         result = client.infer("asyncdiff", _inputs(httpclient, PROMPT, {"SEED": 3, "STEPS": STEPS}))
-    assert np.array_equal(result.as_numpy("IMAGE"), generate(server, SEED=3, STEPS=STEPS)[0])
+    assert np.array_equal(result.as_numpy("IMAGE")[0], generate(server, SEED=3, STEPS=STEPS)[0])
 
 
 def test_options_reach_the_pipeline(server, reference):

@@ -89,7 +89,7 @@ def test_stream_sends_progress_and_previews_then_the_same_image(server):
     previews = [i + 1 for i, (r, _) in enumerate(out[:-1]) if r.as_numpy("PREVIEW") is not None]
     assert previews == [3, 6]
     assert out[1][0].as_numpy("PREVIEW") is None and out[2][0].as_numpy("PREVIEW").shape == (16, 16, 3)
-    assert np.array_equal(out[-1][0].as_numpy("IMAGE"), image)
+    assert np.array_equal(out[-1][0].as_numpy("IMAGE")[0], image)
 
 
 def test_bad_preview_every_is_rejected(server):

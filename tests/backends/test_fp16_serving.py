@@ -47,7 +47,7 @@ def generate(server, seed: int):
         inputs.append(inp)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         result = client.infer("asyncdiff", inputs)
-    return result.as_numpy("IMAGE"), result.as_numpy("LATENTS")
+    return result.as_numpy("IMAGE")[0], result.as_numpy("LATENTS")[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -73,7 +73,7 @@ def infer(server, prompt=PROMPT, **values):
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         result = client.infer(MODEL_NAME, inputs,
                               outputs=[grpcclient.InferRequestedOutput("LATENTS")])
-    return torch.from_numpy(np.array(result.as_numpy("LATENTS")))[None]
+    return torch.from_numpy(np.array(result.as_numpy("LATENTS")))  # [1, C, h, w]
 
 
 def rel(a, b) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from client.__main__ import main as cli_main
@@ -22,8 +23,8 @@ def test_generate_applies_the_given_options(tiny_server, protocol):
     url = url_of(tiny_server, protocol)
     base = generate(GenerationParams("a handwritten digit 7", seed=3, steps=4), protocol=protocol,
                     url=url, timeout=60)
-    assert base.image.dtype == np.uint8 and base.image.shape == (16, 16, 3)
-    assert base.latents.dtype == np.float32 and base.latents.shape == (4, 16, 16)
+    assert base.images.dtype == np.uint8 and base.images.shape == (1, 16, 16, 3)
+    assert base.latents.dtype == np.float32 and base.latents.shape == (1, 4, 16, 16)
     other = generate(GenerationParams("a handwritten digit 7", seed=3, steps=4, scheduler="euler",
                                       negative_prompt="1", guidance_scale=2.0, warmup=2),
                      protocol=protocol, url=url, timeout=60)
@@ -41,6 +42,22 @@ def test_cli_writes_png_or_reports_server_error(tiny_server, protocol, tmp_path,
                      "--out", str(tmp_path / "no.png")]) == 1
     assert "STEPS must be in [1, 1000], got 0" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
+
+
+def test_cli_saves_every_image_and_takes_an_init_image(tiny_server, tmp_path, capsys):
+    out = tmp_path / "digits.png"
+    common = ["--url", tiny_server.grpc_url, "--steps", "4", "--upscale", "1", "--timeout", "60"]
+    assert cli_main(["a handwritten digit 3", "--num-images", "2", "--seed", "5", "--out", str(out),
+                     *common]) == 0
+    first, second = tmp_path / "digits.0.png", tmp_path / "digits.1.png"
+    assert first.is_file() and second.is_file() and str(second) in capsys.readouterr().out
+    single = generate(GenerationParams("a handwritten digit 3", seed=6, steps=4),
+                      url=tiny_server.grpc_url, timeout=60)
+    assert np.array_equal(np.asarray(Image.open(second)), single.image)  # the second seed's image
+    edited = tmp_path / "edited.png"
+    assert cli_main(["a handwritten digit 8", "--init-image", str(first), "--strength", "0.5",
+                     "--out", str(edited), *common]) == 0
+    assert np.asarray(Image.open(edited)).shape == (16, 16, 3)
 
 
 def test_cli_unreachable_server(capsys):

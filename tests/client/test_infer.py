@@ -18,7 +18,8 @@ from client.perf import run_perf
 REPO = Path(__file__).resolve().parents[2]
 NAME = {f.field: f.name for f in INPUTS}  # Request field -> Triton input name
 FULL = GenerationParams("a handwritten digit 7 ✓", negative_prompt="blurry", seed=3, steps=25,
-                        guidance_scale=3.0, warmup=1, scheduler="euler")
+                        guidance_scale=3.0, warmup=1, scheduler="euler", num_images=2, height=16,
+                        width=24, strength=0.5)
 
 
 def _described(protocol: str, params: GenerationParams) -> dict[str, tuple[str, list[int]]]:
@@ -50,9 +51,25 @@ def test_arrays_dtypes_and_utf8():
     assert arrays["steps"].dtype == np.int32 and arrays["warmup"].dtype == np.int32
     assert arrays["guidance_scale"].dtype == np.float32
     assert all(a.shape == (1,) for a in arrays.values())
-    # The client's request is the contract's: same fields, and what it sends parses back.
-    assert list(GenerationParams.__dataclass_fields__) == list(Request.__dataclass_fields__)
-    assert Request.from_inputs(input_arrays(FULL).get, Request()) == Request(**vars(FULL))
+    # The client's request is the contract's: same fields (and the init image, not a scalar),
+    # and what it sends parses back.
+    assert list(GenerationParams.__dataclass_fields__) == [*Request.__dataclass_fields__,
+                                                           "init_image"]
+    scalars = {k: v for k, v in vars(FULL).items() if k != "init_image"}
+    assert Request.from_inputs(input_arrays(FULL).get, Request()) == Request(**scalars)
+
+
+def test_init_image_goes_as_uint8_and_sets_the_size(tmp_path):
+    from PIL import Image
+
+    image = np.arange(16 * 24 * 3, dtype=np.uint8).reshape(16, 24, 3)
+    Image.fromarray(image).save(tmp_path / "init.png")
+    params = params_from_args(parse_args(["x", "--init-image", str(tmp_path / "init.png"),
+                                          "--strength", "0.6"]))
+    assert (params.height, params.width, params.strength) == (16, 24, 0.6)
+    described = _described("grpc", params)
+    assert described["INIT_IMAGE"] == ("UINT8", [16, 24, 3])
+    assert np.array_equal(input_arrays(params)["INIT_IMAGE"], image)
 
 
 def test_grpc_request_carries_bytes_payload():

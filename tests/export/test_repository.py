@@ -74,8 +74,8 @@ def serve(repo, log_dir, models) -> TritonServer:
 def test_configs_round_trip(tiny_repos, key):
     configs = repo_mod.read_configs(tiny_repos[key])
     n, s, _ = TINY_REPOS[key]
-    expected = {f"unet_part_{k}" for k in range(n)} | {"text_encoder", "vae_decoder", "asyncdiff",
-                                                                 "asyncdiff_stream"}
+    expected = {f"unet_part_{k}" for k in range(n)} | {"text_encoder", "vae_encoder", "vae_decoder",
+                                                       "asyncdiff", "asyncdiff_stream"}
     assert set(configs) == expected
     for name, config in configs.items():
         text = (tiny_repos[key] / name / "config.pbtxt").read_text()
@@ -99,10 +99,12 @@ def test_pipeline_model_config_and_files(tiny_repos):
     unary, config = configs[MODEL_NAME], configs[STREAM_MODEL_NAME]
     assert unary.backend == UNARY_BACKEND and unary.max_batch_size == 0
     inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in unary.input}
-    assert inputs == {f.name: (triton_dtype(NUMPY_DTYPES[f.dtype]), [1], not f.required)
-                      for f in INPUTS}
+    assert inputs == {**{f.name: (triton_dtype(NUMPY_DTYPES[f.dtype]), [1], not f.required)
+                         for f in INPUTS}, "INIT_IMAGE": (mc.TYPE_UINT8, [-1, -1, 3], True)}
     outputs = {o.name: (mc.DataType.Name(o.data_type), list(o.dims)) for o in unary.output}
-    assert outputs == {"IMAGE": ("TYPE_UINT8", [16, 16, 3]), "LATENTS": ("TYPE_FP32", [4, 16, 16])}
+    # The contract's dims: [NUM_IMAGES, H, W, 3] and [NUM_IMAGES, C, h, w], any served size.
+    assert outputs == {"IMAGE": ("TYPE_UINT8", [-1, -1, -1, 3]),
+                       "LATENTS": ("TYPE_FP32", [-1, -1, -1, -1])}
     assert config.backend == PIPELINE_BACKEND and config.model_transaction_policy.decoupled
     params = repo_mod.pipeline_params(config)
     written = {k: v.string_value for k, v in config.parameters.items()}
@@ -112,11 +114,13 @@ def test_pipeline_model_config_and_files(tiny_repos):
     assert params == PipelineParams(
         component_models=("unet_part_0", "unet_part_1"), latent_shape=(4, 16, 16),
         image_shape=(16, 16, 3), vae_scaling_factor=params.vae_scaling_factor,
+        resolutions=((16, 16),),  # the one size, (width, height)
         defaults=Request(negative_prompt="blurry", steps=12, scheduler="euler"),
         component_timeout_s=30.0,  # fp32 on the CPU: the contract's default dtypes and device
         max_batch_requests=4, max_queue_size=16,  # 8 rows: 4 requests x CFG (plain S=2: two lanes)
         max_batch_sizes={m: 8 for m in ("unet_part_0", "unet_part_1", "text_encoder",
-                                        "vae_decoder")})
+                                        "vae_encoder", "vae_decoder")},
+        img2img=True)  # the VAE encoder is served: INIT_IMAGE is an input
     version = repo / STREAM_MODEL_NAME / "1"
     part = Partition.load(version / params.partition_file)
     assert (part.num_components, part.stride) == (2, 2)
@@ -185,8 +189,8 @@ def test_pipeline_generates_from_exported_repository(servers, key):
     # the same timestep tensor goes to unet_part_1 twice in one wave (they may be batched).
     steps.set_data_from_numpy(np.array([4], dtype=np.int32))
     result = client.infer(MODEL_NAME, [prompt, steps])
-    assert result.as_numpy("IMAGE").shape == (16, 16, 3)
-    assert result.as_numpy("LATENTS").shape == (4, 16, 16)
+    assert result.as_numpy("IMAGE").shape == (1, 16, 16, 3)  # [NUM_IMAGES, H, W, 3]
+    assert result.as_numpy("LATENTS").shape == (1, 4, 16, 16)
 
 
 def check_served_component(client, repo) -> None:
@@ -337,8 +341,10 @@ def test_cuts_reproduce_a_given_split(tmp_path):
     assert first == ["conv_in", "mid", "up1_0"]
 
 
-@pytest.mark.parametrize("model", ["tiny", "sd15"])
-@pytest.mark.parametrize("n, s", [(n, s) for n in (1, 2, 3, 4) for s in (1, 2)])
+# Every N and S on the tiny model; one SD 1.5-shaped split (its other splits' components are
+# checked against torch by test_onnx.py, and each load here costs a server start).
+@pytest.mark.parametrize("model, n, s", [("tiny", n, s) for n in (1, 2, 3, 4) for s in (1, 2)]
+                         + [("sd15", 3, 2)])
 def test_every_component_count_and_stride_loads(model, n, s, tmp_path):
     """Repositories for N = 1..4 and S = 1, 2 load in a real tritonserver with every model READY
     (parity is checked by test_onnx.py, so these exports skip it)."""

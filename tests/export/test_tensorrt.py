@@ -62,7 +62,8 @@ def flag(args, name):
 def test_fp16_flag_only_for_networks_exported_fp16(fp16_repo):
     configs = repo_mod.read_configs(fp16_repo)
     commands = script_commands(fp16_repo)
-    assert set(commands) == {"unet_part_0", "unet_part_1", "text_encoder", "vae_decoder"}
+    assert set(commands) == {"unet_part_0", "unet_part_1", "text_encoder", "vae_encoder",
+                             "vae_decoder"}
     for name, args in commands.items():
         dtypes = {t.data_type for t in [*configs[name].input, *configs[name].output]}
         assert ("--fp16" in args) == (mc.TYPE_FP16 in dtypes), name
@@ -77,7 +78,7 @@ def test_trtexec_shapes_are_the_onnx_graph_inputs(fp16_repo):
         graph = onnx.load(str(fp16_repo / name / "1" / "model.onnx"), load_external_data=False).graph
         inputs = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim[1:]])
                   for v in graph.input]
-        for which, batch in (("minShapes", 1), ("optShapes", 1 if name == "vae_decoder" else 2),
+        for which, batch in (("minShapes", 1), ("optShapes", 1 if name.startswith("vae_") else 2),
                              ("maxShapes", 8)):
             want = ",".join(f"{n}:{'x'.join(map(str, [batch, *dims]))}" for n, dims in inputs)
             assert flag(args, which) == want, (name, which)

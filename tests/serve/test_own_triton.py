@@ -55,6 +55,6 @@ def test_recipe_serves_an_image(start_triton, tiny_repo, tmp_path):
         steps = grpcclient.InferInput("STEPS", [1], "INT32")
         steps.set_data_from_numpy(np.array([3], dtype=np.int32))
         image = client.infer(MODEL_NAME, [prompt, steps], client_timeout=300).as_numpy("IMAGE")
-    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert image.shape == (1, 16, 16, 3) and image.dtype == np.uint8
     assert image.std() > 0  # a picture, not a constant fill
     assert f"--backend-directory={backends}" in " ".join(server._args(server.workdir))

@@ -17,6 +17,10 @@ Two families:
   negative text states and zero negative pooled embeddings (diffusers does so
   when ``negative_prompt`` is None; an empty NEGATIVE_PROMPT is how a request
   leaves it out).
+* ``sd3``: CLIP-L, CLIP-G (both projected) and T5, as
+  ``StableDiffusion3Pipeline.encode_prompt``: ``encoder_hidden_states`` is both CLIP
+  penultimate states (concatenated, zero-padded to T5's width) followed on the sequence by
+  T5's states (zeros without T5); ``pooled_projections`` is both pooled outputs.
 
 Which tensors a partition's components need is read from their input roles
 (``denoiser_conditioning``), so one code path serves both families.
@@ -38,10 +42,12 @@ from asyncdiff.contract import (  # noqa: F401  (the size inputs are re-exported
 )
 from asyncdiff.partition import CONDITIONING_ROLES, Partition
 
-SD, SDXL = "sd", "sdxl"
-KINDS = (SD, SDXL)
+SD, SDXL, SD3 = "sd", "sdxl", "sd3"
+KINDS = (SD, SDXL, SD3)
 # Component input names of the conditioning (asyncdiff.stages / asyncdiff.partition).
 TEXT_STATES, TEXT_EMBEDS, TIME_IDS = "encoder_hidden_states", "text_embeds", "time_ids"
+POOLED_PROJECTIONS = "pooled_projections"  # SD3's pooled text input
+T5_TOKENS = 256  # SD3: diffusers' max_sequence_length default (77 CLIP + 256 T5 text tokens)
 # Graph output names of the exported text encoders (export/onnx_export.py uses these).
 LAST_HIDDEN, PENULTIMATE, POOLED = "last_hidden_state", "penultimate_hidden_state", "text_embeds"
 
@@ -52,6 +58,7 @@ ROLE_DESCRIPTIONS = {
                    "(SDXL added conditioning)",
     "time_ids": "[2B, 6] original_size + crops_coords_top_left + target_size, pixels as floats "
                 "(SDXL added conditioning)",
+    "pooled": "[2B, P] SD3: CLIP-L and CLIP-G projected pooled outputs concatenated",
 }
 
 
@@ -77,35 +84,41 @@ def denoiser_conditioning(partition: Partition) -> tuple[ConditioningTensor, ...
 
 
 def conditioning_kind(partition: Partition) -> str:
-    """``sd`` or ``sdxl`` from the component input roles; other denoisers are not served."""
+    """``sd``, ``sdxl`` or ``sd3`` from the component input roles; other denoisers are not
+    served."""
     roles = {t.role for t in denoiser_conditioning(partition)}
     if roles <= {"text"}:
         return SD
     if roles == {"text", "text_embeds", "time_ids"}:
         return SDXL
+    if roles == {"text", "pooled"}:
+        return SD3
     raise ValueError(f"no text-to-image conditioning builds the roles {sorted(roles)} "
-                     f"(served: {{text}} for SD, {{text, text_embeds, time_ids}} for SDXL)")
+                     f"(served: {{text}} for SD, {{text, text_embeds, time_ids}} for SDXL, "
+                     f"{{text, pooled}} for SD3)")
 
 
 # -- tokenization -------------------------------------------------------------------------
 
-def token_ids(tokenizer, prompt: str, name: str = INPUT_BY_FIELD["prompt"].name) -> np.ndarray:
+def token_ids(tokenizer, prompt: str, name: str = INPUT_BY_FIELD["prompt"].name,
+              max_length: int | None = None) -> np.ndarray:
     """Padded token ids [1, max_length]; a prompt over the limit is rejected, not truncated.
 
     Padded with the tokenizer's own pad token, as ``padding="max_length"`` does (SDXL's
-    second tokenizer pads with ``!``, the first with the end token).
+    second tokenizer pads with ``!``, the first with the end token).  ``max_length``:
+    default the tokenizer's model_max_length (SD3's T5 takes diffusers' 256 instead).
     """
-    limit = tokenizer.model_max_length
+    limit = max_length or tokenizer.model_max_length
     ids = tokenizer(prompt).input_ids
     if len(ids) > limit:
         raise ValueError(token_limit_message(name, len(ids), limit))
     return np.asarray([ids + [tokenizer.pad_token_id] * (limit - len(ids))], dtype=np.int64)
 
 
-def cfg_token_ids(tokenizer, req: Request) -> np.ndarray:
+def cfg_token_ids(tokenizer, req: Request, max_length: int | None = None) -> np.ndarray:
     """[negative; prompt] token ids [2, max_length], the classifier-free guidance pair."""
-    return np.concatenate([token_ids(tokenizer, getattr(req, f), INPUT_BY_FIELD[f].name)
-                           for f in ("negative_prompt", "prompt")])
+    return np.concatenate([token_ids(tokenizer, getattr(req, f), INPUT_BY_FIELD[f].name,
+                                     max_length) for f in ("negative_prompt", "prompt")])
 
 
 def cfg_token_ids_each(tokenizers: Sequence, req: Request) -> list[np.ndarray]:
@@ -219,7 +232,8 @@ def encode_penultimate(encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.
 def encode_request(kind: str, encoders: Sequence, tokenizers: Sequence, req: Request, *,
                    sizes: SizeConditioning | None = None,
                    force_zeros_for_empty_prompt: bool = False) -> dict[str, torch.Tensor]:
-    """The conditioning of one request ([negative; prompt], batch 2) with torch encoders."""
+    """The conditioning of one request ([negative; prompt], batch 2) with torch encoders.
+    SD3: ``encode_sd3_request`` (three encoders, T5 optional)."""
     ids = [torch.from_numpy(a) for a in cfg_token_ids_each(tokenizers, req)]
     if kind == SD:
         return sd_conditioning(encoders[0](ids[0])[0])
@@ -230,3 +244,53 @@ def encode_request(kind: str, encoders: Sequence, tokenizers: Sequence, req: Req
     outs = [encode_penultimate(enc, i) for enc, i in zip(encoders, ids, strict=True)]
     return sdxl_conditioning([h for h, _ in outs], outs[-1][1], sizes,
                              zero_negative(req, force_zeros_for_empty_prompt))
+
+
+# -- SD3 (MMDiT) ----------------------------------------------------------------------------
+
+def sd3_conditioning(clip_states: Sequence[torch.Tensor], clip_pooled: Sequence[torch.Tensor],
+                     t5_states: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SD3 transformer's conditioning of one [negative; prompt] pair, as
+    ``StableDiffusion3Pipeline.encode_prompt`` builds it.
+
+    ``clip_states``: CLIP-L's and CLIP-G's penultimate hidden states [2, 77, D_k];
+    ``clip_pooled``: their projected pooled outputs [2, P_k];
+    ``t5_states``: T5's last hidden state [2, T, W] (zeros without a T5 encoder).
+    The CLIP states, concatenated on the last dim, are zero-padded to T5's width W and put
+    before the T5 tokens: text [2, 77 + T, W]; pooled [2, P_L + P_G].
+    """
+    clip = torch.cat(list(clip_states), dim=-1)
+    width = t5_states.shape[-1]
+    if clip.shape[-1] > width:
+        raise ValueError(f"the CLIP states ({clip.shape[-1]} wide) are wider than T5's ({width})")
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    text = torch.cat([clip, t5_states.to(clip.device, clip.dtype)], dim=-2)
+    return {TEXT_STATES: text, POOLED_PROJECTIONS: torch.cat(list(clip_pooled), dim=-1)}
+
+
+@torch.no_grad()
+def encode_t5(encoder, ids: torch.Tensor) -> torch.Tensor:
+    """T5's last hidden state (what diffusers takes as ``text_encoder_3(ids)[0]``)."""
+    return encoder(ids.to(encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_sd3_request(encoders: Sequence, tokenizers: Sequence, req: Request, *,
+                       t5_width: int, t5_tokens: int = T5_TOKENS) -> dict[str, torch.Tensor]:
+    """SD3 conditioning of one request ([negative; prompt], batch 2) with torch encoders.
+
+    ``encoders`` / ``tokenizers``: CLIP-L, CLIP-G, T5 (the T5 pair may be None: its slot is
+    then zeros [2, t5_tokens, t5_width], as diffusers fills it; ``t5_width`` is the
+    transformer's joint_attention_dim).  T5 prompts are padded to ``t5_tokens`` (diffusers'
+    max_sequence_length) and, like CLIP's, rejected rather than truncated when longer.
+    """
+    clip_enc, clip_tok = list(encoders[:2]), list(tokenizers[:2])
+    outs = [encode_penultimate(enc, torch.from_numpy(cfg_token_ids(tok, req)).to(enc.device))
+            for enc, tok in zip(clip_enc, clip_tok, strict=True)]
+    states = [h for h, _ in outs]
+    t5 = encoders[2] if len(encoders) > 2 else None
+    if t5 is None:
+        t5_states = torch.zeros((2, t5_tokens, t5_width), dtype=states[0].dtype)
+    else:
+        t5_states = encode_t5(t5, torch.from_numpy(cfg_token_ids(tokenizers[2], req, t5_tokens)))
+    return sd3_conditioning(states, [p for _, p in outs], t5_states)

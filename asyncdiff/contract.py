@@ -37,7 +37,8 @@ MAX_GUIDANCE_SCALE = 100.0  # far above any useful scale; 3e38 overflowed to NaN
 # Checked on the raw bytes, before decoding or tokenizing: a prompt within the token limit is
 # at most a few hundred bytes, and a 16 MiB one used to block the server while it was tokenized.
 MAX_TEXT_BYTES = 4096
-SCHEDULERS = ("ddim", "euler", "dpmsolver++")
+FLOW_MATCH_EULER = "flowmatch-euler"  # SD3's FlowMatchEulerDiscreteScheduler
+SCHEDULERS = ("ddim", "euler", "dpmsolver++", FLOW_MATCH_EULER)
 MAX_NUM_IMAGES = 64  # the contract's bound; a deployment allows up to its max_batch_requests
 MAX_SIDE = 16384  # pixels; a deployment serves only the sizes it was exported for
 SIZE_MULTIPLE = 8  # pixels per latent cell of every supported VAE

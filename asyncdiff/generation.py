@@ -25,6 +25,10 @@ tensors.  They cross into the executor through ``to_executor(name, tensor)``
 generation, and come back through ``from_executor``.  Activations between
 components are opaque: they pass through the cache unconverted.  Guidance
 and the scheduler step run in fp32 whatever dtype the components serve.
+
+Flow matching (SD3, SCHEDULER ``flowmatch-euler``): the scheduler has no
+``init_noise_sigma`` and no ``scale_model_input``; the latents start as plain
+seeded Gaussians and enter the denoiser unscaled, as diffusers does.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 
 import torch
 
-from asyncdiff.contract import INPUT_BY_FIELD, SCHEDULERS, Request
+from asyncdiff.contract import FLOW_MATCH_EULER, INPUT_BY_FIELD, SCHEDULERS, Request
 from asyncdiff.img2img import img2img_timesteps, noised_latents, steps_to_run
 from asyncdiff.partition import Partition
 from asyncdiff.runners.cache import ActivationCache
@@ -45,10 +49,37 @@ SHARED_FIELDS = ("steps", "warmup", "scheduler")  # one value for every request 
 IMG2IMG_SHARED_FIELDS = SHARED_FIELDS + ("strength",)  # strength cuts the shared timesteps
 
 
+def is_flow_matching(config: Mapping) -> bool:
+    """A flow-matching scheduler config (SD3's FlowMatchEulerDiscreteScheduler: sigmas from a
+    shift, no betas) rather than a DDPM-family one."""
+    config = dict(config)
+    if "_class_name" in config:
+        return str(config["_class_name"]).startswith("FlowMatch")
+    return "shift" in config and "beta_start" not in config
+
+
+def check_scheduler_fits(name: str, config: Mapping) -> None:
+    """A flow-matching model takes only ``flowmatch-euler``, a DDPM-family one only the
+    others; ValueError naming what it takes.  (``make_scheduler`` itself builds any name from
+    any config: the BLS sizes every scheduler's step limit at load.)"""
+    flow = is_flow_matching(config)
+    if (name == FLOW_MATCH_EULER) != flow and name in SCHEDULERS:
+        takes = [FLOW_MATCH_EULER] if flow else [s for s in SCHEDULERS if s != FLOW_MATCH_EULER]
+        raise ValueError(f"SCHEDULER {name!r} does not fit this model's "
+                         f"{'flow-matching' if flow else 'noise'} schedule; it takes {takes}")
+    if flow and dict(config).get("use_dynamic_shifting"):  # FLUX-style: needs mu (image size)
+        raise NotImplementedError("flow-matching schedulers with use_dynamic_shifting are not "
+                                  "supported")
+
+
 def make_scheduler(name: str, config: Mapping):
     """A fresh diffusers scheduler (they are stateful: one per generation)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+    if name == FLOW_MATCH_EULER:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "euler":
@@ -165,6 +196,7 @@ class Generation:
         self.cache = ActivationCache(partition, self.plan)
         self.scheduler = self.latents = None
         if scheduler_config is not None:
+            check_scheduler_fits(first.scheduler, scheduler_config)
             self.scheduler = make_scheduler(first.scheduler, scheduler_config)
             self.scheduler.set_timesteps(first.steps, device=self.device)
             if img2img:
@@ -172,7 +204,7 @@ class Generation:
                 self.latents = self._img2img_latents(init_latents, noise, timesteps)
             else:
                 timesteps = self.scheduler.timesteps
-                sigma = self.scheduler.init_noise_sigma
+                sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching: none
                 self.latents = torch.cat([initial_latents(r.seed, (1, *self.latent_shape), sigma)
                                           for r in self.requests]).to(self.device)
         elif timesteps is None:
@@ -210,7 +242,9 @@ class Generation:
             return None
         if self._input_step != step:
             t = self.timesteps[step]
-            self._input = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+            self._input = torch.cat([self.latents] * 2)
+            if hasattr(self.scheduler, "scale_model_input"):  # flow matching takes x as it is
+                self._input = self.scheduler.scale_model_input(self._input, t)
             self._input_step, self._sample = step, None
         return self._input
 

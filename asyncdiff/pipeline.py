@@ -51,8 +51,17 @@ class AsyncDiffPipeline:
     ``cuts``: explicit cut points (stage names) instead of the balanced split;
     ``components`` then defaults to what they make (otherwise to 2).  The conditioning
     (SD: text states; SDXL: text states, pooled embeddings, time ids) is what the
-    partition's components take (``asyncdiff.conditioning``).
+    partition's components take (``asyncdiff.conditioning``).  A diffusers SD3 pipeline (a
+    ``transformer``, no ``unet``) makes an ``asyncdiff.sd3.AsyncDiffSD3Pipeline``.
     """
+
+    def __new__(cls, sd_pipe=None, *args, **kwargs):
+        if cls is AsyncDiffPipeline and getattr(sd_pipe, "unet", None) is None \
+                and getattr(sd_pipe, "transformer", None) is not None:
+            from asyncdiff.sd3 import AsyncDiffSD3Pipeline
+
+            return super().__new__(AsyncDiffSD3Pipeline)
+        return super().__new__(cls)
 
     def __init__(self, sd_pipe, components: int | None = None, stride: int = 1, *,
                  layout="sequential", cost="flops", batched_stride: bool = False,
@@ -87,6 +96,11 @@ class AsyncDiffPipeline:
 
             path = MODEL_DIR
         return cls(DiffusionPipeline.from_pretrained(path).to("cpu"), **kwargs)
+
+    @property
+    def denoiser(self):
+        """The model the plan cuts: the UNet (SD3: the transformer)."""
+        return self.sd.unet
 
     @property
     def encoders(self) -> list:
@@ -126,7 +140,7 @@ class AsyncDiffPipeline:
             raise ValueError(f"HEIGHT and WIDTH must be multiples of {f} (the VAE's scale), "
                              f"got {height} x {width}")
         try:
-            check_sample_size(dict(self.sd.unet.config), height // f, width // f)
+            check_sample_size(dict(self.denoiser.config), height // f, width // f)
         except ValueError as e:
             raise ValueError(f"HEIGHT x WIDTH {height} x {width}: {e}") from None
         return height, width

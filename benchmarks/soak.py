@@ -202,8 +202,9 @@ def warm_up(url: str, cfg: SoakConfig) -> Reference:
     with grpcclient.InferenceServerClient(url) as client:
         probe = GenerationParams(PROBE.prompt, seed=PROBE.seed, steps=cfg.steps)
         image = send(client, probe, cfg.request_timeout_s)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise RuntimeError(f"warm-up IMAGE is {image.dtype} {image.shape}; expected uint8 [H, W, 3]")
+    if image.dtype != np.uint8 or image.shape[:1] != (1,) or image.ndim != 4 or image.shape[3] != 3:
+        raise RuntimeError(f"warm-up IMAGE is {image.dtype} {image.shape}; expected uint8 "
+                           "[1, H, W, 3]")
     ref = Reference(shape=tuple(image.shape), probe=image.tobytes())
     errors: list[Exception] = []
 

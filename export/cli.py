@@ -89,7 +89,9 @@ class ExportOptions:
 
 @dataclass
 class Source:
-    """What was loaded: always a UNet; the rest only from a diffusers pipeline folder."""
+    """What was loaded: always the denoiser (a UNet, or an SD3/FLUX transformer, kept in
+    ``unet``); the rest only from a diffusers pipeline folder with a UNet. A DiT's text
+    encoders and VAE are not loaded: no pipeline model is exported for a DiT yet."""
 
     name: str
     unet: torch.nn.Module
@@ -104,10 +106,18 @@ class Source:
     force_zeros_for_empty_prompt: bool = False
     scheduler_class: str | None = None  # the folder's scheduler _class_name
     safety_checker: bool = False  # the folder has one (it is not served)
+    pipeline_class: str | None = None  # a DiT pipeline folder's model_index _class_name
 
     @property
     def full_pipeline(self) -> bool:
         return None not in (self.text_encoder, self.vae, self.scheduler_config, self.tokenizer_dir)
+
+    @property
+    def denoiser(self) -> str:
+        """``unet``, ``sd3`` or ``flux``."""
+        from asyncdiff.configs import denoiser_kind
+
+        return denoiser_kind(self.unet.config)
 
 
 @dataclass
@@ -119,6 +129,7 @@ class ExportResult:
     build_commands: list[str]
     notes: list[str]
     seconds: float
+    denoiser: str = "unet"  # or sd3 | flux
 
 
 def load_source(model: str) -> Source:
@@ -128,6 +139,11 @@ def load_source(model: str) -> Source:
     unet = load_unet(src, device="cpu")
     source = Source(model, unet, src.vae_scale)
     folder = Path(src.name)  # resolve() maps "tiny" to its folder
+    if source.denoiser != "unet":  # a DiT: its components only, for now
+        index = folder / "model_index.json"
+        if src.unet_dir == folder / "transformer" and index.is_file():
+            source.pipeline_class = json.loads(index.read_text()).get("_class_name")
+        return source
     if src.unet_dir is None or src.unet_dir != folder / "unet" \
             or not (folder / "model_index.json").exists():
         return source  # a built-in or a UNet folder (even inside a pipeline): components only
@@ -170,7 +186,8 @@ def _load_sdxl_parts(source: Source, folder: Path) -> None:
 FOLDER_DEFAULTS = ("scheduler", "guidance_scale")
 # diffusers scheduler class -> the contract's SCHEDULER name that builds it from the same config
 SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                   "DPMSolverMultistepScheduler": "dpmsolver++"}
+                   "DPMSolverMultistepScheduler": "dpmsolver++",
+                   "FlowMatchEulerDiscreteScheduler": "flowmatch-euler"}
 FAMILY_GUIDANCE = {SD: 7.5, SDXL: 5.0}  # diffusers' pipeline defaults
 
 
@@ -298,7 +315,9 @@ def export_sizes(opts: ExportOptions, source: Source) -> list[tuple[int, int]]:
 
 
 def _single_latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
-    size = source.unet.config.sample_size
+    from asyncdiff.configs import default_latent_size
+
+    size = default_latent_size(source.unet.config)  # FLUX has no sample_size: 1024 px
     pixels = (opts.height or size * source.vae_scale, opts.width or size * source.vae_scale)
     for name, px in zip(("height", "width"), pixels):
         if px % source.vae_scale:
@@ -345,6 +364,8 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
         networks += [*text_encoder_networks(source, part),
                      vae_encoder_network(source.vae, h * px, w * px),
                      vae_decoder_network(source.vae, h, w)]
+    elif source.denoiser != "unet":
+        notes += dit_notes(opts, source)
     else:
         notes.append(f"{opts.model!r} is not a diffusers pipeline folder: only the UNet components "
                      "are exported (no text_encoder, vae_decoder or asyncdiff pipeline model)")
@@ -356,7 +377,24 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
     deployment.write(out, place.gpus, part.cross_bytes(interface_bytes(part, artifacts)),
                      opts.batch, opts.limit, export_sizes(opts, source))
     engines, commands = _engines(opts, out, artifacts, notes)
-    return ExportResult(opts, part, artifacts, engines, commands, notes, time.perf_counter() - start)
+    return ExportResult(opts, part, artifacts, engines, commands, notes, time.perf_counter() - start,
+                        source.denoiser)
+
+
+def dit_notes(opts: ExportOptions, source: Source) -> list[str]:
+    """What a DiT repository holds, and lacks: its components only, for now."""
+    from asyncdiff.configs import default_batch
+
+    what = (f"a {source.pipeline_class} folder" if source.pipeline_class
+            else f"{source.denoiser.upper()} transformer {opts.model!r}")
+    notes = [f"{what}: only the {source.denoiser.upper()} transformer's components are exported "
+             "(unet_part_<k>). No pipeline model is exported for a DiT yet: no text encoders, no "
+             "VAE and no asyncdiff BLS, so this repository serves the components alone"]
+    if default_batch(source.unet.config) == 1 and opts.batch != 1:
+        notes.append("guidance_embeds: this transformer embeds the guidance scale, so one prompt "
+                     f"is batch 1 (no CFG pair); exported and checked at --batch {opts.batch} "
+                     "(the batch dim stays dynamic; --batch 1 to size for one prompt)")
+    return notes
 
 
 def interface_bytes(part, artifacts: list[Artifact]) -> int:
@@ -543,7 +581,8 @@ def _engines(opts, out: Path, artifacts: list[Artifact], notes: list[str]):
 def summary(result: ExportResult) -> str:
     part, opts = result.partition, result.options
     bpe = 2 if opts.fp16 else 4
-    lines = [f"AsyncDiff export: model={opts.model} N={part.num_components} S={part.stride}"
+    dit = "" if result.denoiser == "unet" else f" ({result.denoiser.upper()} transformer)"
+    lines = [f"AsyncDiff export: model={opts.model}{dit} N={part.num_components} S={part.stride}"
              f"{' batched-stride' if part.batched_stride else ''} layout={part.layout} "
              f"backend={opts.backend} batch={opts.batch} (max {opts.limit}) "
              f"latent={part.latent_height}x{part.latent_width} {'fp16' if opts.fp16 else 'fp32'}",
@@ -565,7 +604,9 @@ def summary(result: ExportResult) -> str:
         if not art.name.startswith("unet_part_"):
             lines.append(f"{art.name:14s} {'':22s} {'':6s} {'':10s} {'':10s} "
                          f"{_err(art)} {art.seconds:5.1f}s")
-    lines.append(f"\ninterface traffic per step (cross-component hidden/skip tensors): "
+    crossing = ("hidden/skip tensors" if result.denoiser == "unet"
+                else "image/text token streams")
+    lines.append(f"\ninterface traffic per step (cross-component {crossing}): "
                  f"{_size(part.cross_bytes(bpe))}")
     info = deployment.read(opts.out)
     if info and info["gpus"]:
@@ -605,8 +646,9 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
 
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny",
-                   help=f"diffusers pipeline folder, UNet folder or one of {builtin_names()}")
-    p.add_argument("--components", type=int, help="N: UNet components (default: cuts + 1)")
+                   help=f"diffusers pipeline folder, UNet or transformer folder, or one of "
+                   f"{builtin_names()}")
+    p.add_argument("--components", type=int, help="N: denoiser components (default: cuts + 1)")
     p.add_argument("--cuts", help="comma-separated stage names where components 1..N-1 start, "
                    "e.g. mid,up2_0 (default: the balanced cut)")
     p.add_argument("--stride", type=int, default=1, choices=(1, 2), help="S: AsyncDiff stride")

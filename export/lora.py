@@ -78,6 +78,8 @@ def pipeline_folder(model: str) -> Path:
 
     src = resolve(model)
     folder = Path(src.name)
+    if src.unet_dir is not None and src.unet_dir.name == "transformer":
+        raise ValueError(f"{FLAG} is not supported for a DiT (SD3 / FLUX transformer) yet")
     if src.unet_dir is None or src.unet_dir != folder / "unet" \
             or not (folder / "model_index.json").is_file():
         raise ValueError(f"{FLAG} needs --model to be a diffusers pipeline folder (with "

@@ -55,7 +55,9 @@ from asyncdiff.contract import (
     BUSY_MESSAGE, CANCELLED_MESSAGE, INIT_IMAGE, MAX_STEPS, PREVIEW_EVERY, SCHEDULERS,
     PipelineParams, Request,
 )
-from asyncdiff.generation import Generation, cfg_batch, latent_input, make_scheduler
+from asyncdiff.generation import (
+    Generation, cfg_batch, check_scheduler_fits, is_flow_matching, latent_input, make_scheduler,
+)
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
 from asyncdiff.pipeline import to_uint8_images
@@ -135,7 +137,8 @@ class TritonPythonModel:
     def _warm_up(self):
         """Pay the first request's one-time costs at load: importing diffusers' schedulers (the
         bulk of a cold first request) and the tokenizers' first call."""
-        self.max_steps = {name: _max_steps(name, self.scheduler_config) for name in SCHEDULERS}
+        self.max_steps = {name: _max_steps(name, self.scheduler_config) for name in SCHEDULERS
+                          if _fits(name, self.scheduler_config)}
         cfg_token_ids_each(self.tokenizers, Request("warm-up"))
 
     async def execute(self, requests):
@@ -179,6 +182,7 @@ class TritonPythonModel:
         p = self.params
         try:  # only parsing and validation are the client's to fix
             req = Request.from_inputs(lambda name: _input(request, name), p.defaults)
+            check_scheduler_fits(req.scheduler, self.scheduler_config)
             _check_steps(req, self.max_steps[req.scheduler])
             width, height = p.request_size(req)
             images = p.request_images(req)
@@ -393,6 +397,8 @@ def _max_steps(scheduler, config):
     of the noise schedule (DDIM fails, DPM-Solver++ diverges); DPM-Solver++ at 1000 repeats
     one timestep."""
     trained, steps = config.get("num_train_timesteps", MAX_STEPS), MAX_STEPS
+    if is_flow_matching(config):  # sigmas from 1 down: its first timestep IS num_train_timesteps
+        return steps
     while steps > 1:
         s = make_scheduler(scheduler, config)
         s.set_timesteps(steps)
@@ -401,6 +407,14 @@ def _max_steps(scheduler, config):
             break
         steps -= 1
     return steps
+
+
+def _fits(scheduler, config):
+    try:
+        check_scheduler_fits(scheduler, config)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _check_steps(req, max_steps):

@@ -187,10 +187,11 @@ def test_component_timeout_is_an_error_not_a_hang(server):
 
 
 def test_a_server_side_value_error_is_internal_not_invalid_arg(server):
-    """Only request parsing is the client's fault; a ValueError later (here: the VAE's image
-    disagrees with the configured image_shape) is an INTERNAL error."""
-    with pipeline_parameters(server, image_shape="[8, 8, 3]"):
-        with pytest.raises(InferenceServerException, match="expected image_shape") as err:
+    """Only request parsing is the client's fault; a ValueError later (here: the VAE's images
+    disagree with the configured size, 32x32 pixels from 16x16 latents) is an INTERNAL error."""
+    with pipeline_parameters(server, image_shape="[32, 32, 3]", resolutions="[[32, 32]]"):
+        with pytest.raises(InferenceServerException, match=r"returned images of shape "
+                           r"\[1, 16, 16, 3\], expected \[1, 32, 32, 3\]") as err:
             generate(server, SEED=1, STEPS=2)
         assert "INTERNAL" in str(err.value.status())
     assert generate(server, SEED=1, STEPS=2)[0].shape == (16, 16, 3)

@@ -15,7 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from asyncdiff.conditioning import SizeConditioning
 from asyncdiff.contract import (
-    CROPS_COORDS_TOP_LEFT, INPUT_BY_NAME, MODEL_NAME, ORIGINAL_SIZE, STREAM_MODEL_NAME, Request,
+    CROPS_COORDS_TOP_LEFT, INIT_IMAGE, INPUT_BY_NAME, MODEL_NAME, ORIGINAL_SIZE, STREAM_MODEL_NAME,
+    Request,
 )
 from asyncdiff.partition import Partition
 from asyncdiff.pipeline import AsyncDiffPipeline
@@ -25,7 +26,7 @@ from tests.test_pipeline_sdxl import diffusers_latents
 
 STEPS = 5
 PROMPT = "a red cube on a table"
-SIZES = {f.name: f for f in (ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT)}
+SIZES = {f.name: f for f in (ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT, INIT_IMAGE)}  # not scalars
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def infer(server, prompt=PROMPT, **values):
     inputs = []
     for name, value in {"PROMPT": prompt, **values}.items():
         field = SIZES.get(name) or INPUT_BY_NAME[name]
-        arr = np.asarray(value, np.int32) if name in SIZES else field.encode(value)
+        arr = np.asarray(value, field.numpy_dtype) if name in SIZES else field.encode(value)
         inp = grpcclient.InferInput(name, list(arr.shape), field.dtype)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
@@ -97,6 +98,19 @@ def test_served_latents_equal_diffusers(server, xl, negative):
     # The folder's defaults (Euler, guidance 5.0) are served: the request leaves them out.
     got = infer(server, NEGATIVE_PROMPT=negative, SEED=3, STEPS=STEPS)
     ref = diffusers_latents(xl, Request(PROMPT, negative, seed=3, steps=STEPS, guidance_scale=5.0))
+    assert got.shape == ref.shape == (1, 4, 16, 16)
+    assert rel(got, ref) <= 1e-4, rel(got, ref)
+
+
+def test_served_img2img_equals_diffusers(server, xl):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from tests.test_img2img import diffusers_img2img, rgb_image
+
+    image = rgb_image(32, 32)
+    got = infer(server, SEED=4, STEPS=6, STRENGTH=0.5, INIT_IMAGE=image)
+    req = Request(PROMPT, seed=4, steps=6, guidance_scale=5.0, strength=0.5, scheduler="euler")
+    ref = diffusers_img2img(StableDiffusionXLImg2ImgPipeline, xl, req, image)
     assert got.shape == ref.shape == (1, 4, 16, 16)
     assert rel(got, ref) <= 1e-4, rel(got, ref)
 
@@ -145,10 +159,12 @@ def test_bad_size_inputs_are_invalid_arguments(server, values, message):
     assert "INVALID_ARG" in str(err.value.status())
 
 
-@pytest.mark.parametrize("components, layout", [(2, "sequential"), (3, "outer-ring")])
+# One split, the paper's SDXL one (each costs an export and a server start; sequential splits
+# are served by every SD test).
+@pytest.mark.parametrize("components, layout", [(3, "outer-ring")])
 def test_served_split_equals_the_in_process_runner(folder, xl, tmp_path, components, layout):
-    """N=2, and the paper's SDXL split: the last component holds conv_in and the first stages
-    too; in warm-up it runs its front before component 0 (on placeholders for its back)."""
+    """The paper's SDXL split: the last component holds conv_in and the first stages too; in
+    warm-up it runs its front before component 0 (on placeholders for its back)."""
     repo = export(folder, tmp_path / "split", "--components", str(components), "--layout", layout)
     params = pipeline_params(read_configs(repo)[STREAM_MODEL_NAME])
     part = Partition.load(repo / STREAM_MODEL_NAME / "1" / params.partition_file)

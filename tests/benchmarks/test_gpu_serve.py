@@ -32,12 +32,13 @@ def test_cpu_mode_serves_from_the_archive_and_matches_in_process(carry, tmp_path
                            "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     served = result["deployments"]["cpu"]
-    assert served["image_shape"] == [16, 16, 3] and len(served["latency_s"]) == 1
+    assert served["image_shape"] == [1, 16, 16, 3] and len(served["latency_s"]) == 1  # [NUM_IMAGES, ...]
     ref = AsyncDiffPipeline.from_pretrained("tiny", components=2)
     req = gpu_serve.REQUEST
     expected = ref.generate_latents(Request(req["prompt"], seed=req["seed"], steps=req["steps"]))[0]
     latents = np.asarray(served["latents"], dtype=np.float32).reshape(served["latents_shape"])
-    assert np.abs(latents - expected.numpy()).max() <= 1e-4
+    assert latents.shape == (1, *expected.shape)
+    assert np.abs(latents[0] - expected.numpy()).max() <= 1e-4
 
 
 def test_a_missing_archive_is_reported_not_raised(tmp_path):

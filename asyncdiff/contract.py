@@ -314,7 +314,7 @@ class PipelineParams:
     dtypes: Mapping[str, str] = field(default_factory=lambda: {
         "sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32",
         "noise_pred": "float32", "input_ids": "int64", "last_hidden_state": "float32",
-        "latents": "float32", "image": "float32"})
+        "latents": "float32", "image": "float32", "latent_moments": "float32"})
     # CUDA id of every placement rank (``Placement.gpus``); None: a CPU deployment. With the
     # partition's N, S and batched stride it rebuilds the placement that says where each
     # call's outputs are consumed.

@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.latents:
         np.save(args.latents, result.latents)
     h, w = result.image.shape[:2]
-    print(f"{', '.join(map(str, paths))} ({len(paths)} x {w}x{h} image) in {elapsed:.2f} s")
+    what = f"{w}x{h} image" if len(paths) == 1 else f"{len(paths)} {w}x{h} images"
+    print(f"{', '.join(map(str, paths))} ({what}) in {elapsed:.2f} s")
     return 0
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from asyncdiff.contract import FLOW_MATCH_EULER, INPUT_BY_FIELD, SCHEDULERS, Request
+from asyncdiff.contract import FLOW_MATCH_EULER, INPUT_BY_FIELD, MAX_STEPS, SCHEDULERS, Request
 from asyncdiff.img2img import img2img_timesteps, noised_latents, steps_to_run
 from asyncdiff.partition import Partition
 from asyncdiff.runners.cache import ActivationCache
@@ -70,6 +70,32 @@ def check_scheduler_fits(name: str, config: Mapping) -> None:
     if flow and dict(config).get("use_dynamic_shifting"):  # FLUX-style: needs mu (image size)
         raise NotImplementedError("flow-matching schedulers with use_dynamic_shifting are not "
                                   "supported")
+
+
+def max_steps(scheduler: str, config: Mapping) -> int:
+    """The most STEPS the scheduler takes on this model: with ``leading`` spacing and a
+    ``steps_offset``, near 1000 steps its first timestep is num_train_timesteps itself, out
+    of the noise schedule (DDIM fails, DPM-Solver++ diverges); DPM-Solver++ at 1000 repeats
+    one timestep."""
+    trained, steps = config.get("num_train_timesteps", MAX_STEPS), MAX_STEPS
+    if is_flow_matching(config):  # sigmas from 1 down: its first timestep IS num_train_timesteps
+        return steps
+    while steps > 1:
+        s = make_scheduler(scheduler, config)
+        s.set_timesteps(steps)
+        t = s.timesteps
+        if float(t.max()) < trained and len(set(t.tolist())) == len(t):  # distinct, in range
+            break
+        steps -= 1
+    return steps
+
+
+def scheduler_fits(scheduler: str, config: Mapping) -> bool:
+    try:
+        check_scheduler_fits(scheduler, config)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def make_scheduler(name: str, config: Mapping):

@@ -7,7 +7,8 @@ exported ones, NUM_IMAGES within ``max_batch_requests``), wait for one batch
 slot per image (beyond ``max_queue_size`` waiting, "server busy"), tokenize ->
 the text encoder(s) -> the conditioning, repeated per image -> with INIT_IMAGE
 the ``vae_encoder`` and the re-noised latents (``asyncdiff.img2img``) -> one
-core ``Generation`` of NUM_IMAGES rows (seeds SEED, SEED+1, ...) -> ``vae_decoder``. The conditioning is the partition's (``asyncdiff.conditioning``):
+core ``Generation`` of NUM_IMAGES rows (seeds SEED, SEED+1, ...) -> ``vae_decoder``.
+The conditioning is the partition's (``asyncdiff.conditioning``):
 SD's text states are ``text_encoder``'s output as it is; SDXL's are both
 encoders' penultimate states concatenated, with ``text_encoder_2``'s pooled
 ``text_embeds`` and the ``time_ids`` of the request's size inputs, as diffusers
@@ -37,7 +38,6 @@ stay host tensors. On the CPU no call states a preferred memory.
 """
 
 import asyncio
-import dataclasses
 import json
 import os
 
@@ -52,15 +52,15 @@ from asyncdiff.conditioning import (
     sdxl_conditioning, zero_negative,
 )
 from asyncdiff.contract import (
-    BUSY_MESSAGE, CANCELLED_MESSAGE, INIT_IMAGE, MAX_STEPS, PREVIEW_EVERY, SCHEDULERS,
+    BUSY_MESSAGE, CANCELLED_MESSAGE, INIT_IMAGE, PREVIEW_EVERY, SCHEDULERS,
     PipelineParams, Request,
 )
 from asyncdiff.generation import (
-    Generation, cfg_batch, check_scheduler_fits, is_flow_matching, latent_input, make_scheduler,
+    Generation, cfg_batch, check_scheduler_fits, latent_input, max_steps, scheduler_fits,
 )
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
-from asyncdiff.pipeline import to_uint8_images
+from asyncdiff.pipeline import per_image, to_uint8_images
 
 HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -137,8 +137,8 @@ class TritonPythonModel:
     def _warm_up(self):
         """Pay the first request's one-time costs at load: importing diffusers' schedulers (the
         bulk of a cold first request) and the tokenizers' first call."""
-        self.max_steps = {name: _max_steps(name, self.scheduler_config) for name in SCHEDULERS
-                          if _fits(name, self.scheduler_config)}
+        self.max_steps = {name: max_steps(name, self.scheduler_config) for name in SCHEDULERS
+                          if scheduler_fits(name, self.scheduler_config)}
         cfg_token_ids_each(self.tokenizers, Request("warm-up"))
 
     async def execute(self, requests):
@@ -211,7 +211,7 @@ class TritonPythonModel:
     async def _generate(self, request, sender, req, size, ids, sizes, init_image, preview_every):
         outputs = set(request.requested_output_names()) or {"IMAGE", "LATENTS", "STEP"}
         self._check_cancelled(request, 0)
-        rows = [dataclasses.replace(req, seed=seed, num_images=1) for seed in req.seeds()]
+        rows = per_image([req])
         conditioning = await self._encode(req, ids, sizes, len(rows))
         start = {} if init_image is None else await self._init_latents(init_image, rows)
         gen = Generation(self.partition, rows, conditioning, self.scheduler_config,
@@ -391,35 +391,9 @@ def _fresh(calls, sent: set[int]):
     return calls
 
 
-def _max_steps(scheduler, config):
-    """The most STEPS the scheduler takes on this model: with ``leading`` spacing and a
-    ``steps_offset``, near 1000 steps its first timestep is num_train_timesteps itself, out
-    of the noise schedule (DDIM fails, DPM-Solver++ diverges); DPM-Solver++ at 1000 repeats
-    one timestep."""
-    trained, steps = config.get("num_train_timesteps", MAX_STEPS), MAX_STEPS
-    if is_flow_matching(config):  # sigmas from 1 down: its first timestep IS num_train_timesteps
-        return steps
-    while steps > 1:
-        s = make_scheduler(scheduler, config)
-        s.set_timesteps(steps)
-        t = s.timesteps
-        if float(t.max()) < trained and len(set(t.tolist())) == len(t):  # distinct, in range
-            break
-        steps -= 1
-    return steps
-
-
-def _fits(scheduler, config):
-    try:
-        check_scheduler_fits(scheduler, config)
-    except (ValueError, NotImplementedError):
-        return False
-    return True
-
-
-def _check_steps(req, max_steps):
-    if req.steps > max_steps:
-        raise ValueError(f"STEPS must be in [1, {max_steps}] with SCHEDULER {req.scheduler} on this "
+def _check_steps(req, limit):
+    if req.steps > limit:
+        raise ValueError(f"STEPS must be in [1, {limit}] with SCHEDULER {req.scheduler} on this "
                          f"model (more would start outside its noise schedule), got {req.steps}")
 
 

@@ -10,7 +10,7 @@ PROMPT ?= a handwritten digit 7
 OUT ?= digit.png
 PYTEST_ARGS ?=
 
-.PHONY: install repository serve demo test gpu-check
+.PHONY: install repository serve demo test gpu-check helm-check
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: repository
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+
+# The Helm chart (deploy/helm/asyncdiff) rendered by Helm's engine for N=1..4, S=1..2 and every
+# manifest checked against the Kubernetes schemas (no cluster needed).
+helm-check: | $(STAMP)
+	$(PY) -m deploy.render
 
 # One NVIDIA GPU with torch+CUDA, nothing downloaded: carried wheels (.whl/), then the GPU
 # benchmark (<= 5 min). GPU_CHECK_ARGS="--device cpu --quick" is the CPU smoke run.

@@ -21,11 +21,15 @@ Two families:
   ``StableDiffusion3Pipeline.encode_prompt``: ``encoder_hidden_states`` is both CLIP
   penultimate states (concatenated, zero-padded to T5's width) followed on the sequence by
   T5's states (zeros without T5); ``pooled_projections`` is both pooled outputs.
+* ``flux``: CLIP (pooled output only) and T5, as ``FluxPipeline.encode_prompt``: one row per
+  image, no guidance pair (``flux_conditioning``); ``img_ids`` / ``txt_ids`` place the packed
+  image tokens and the text tokens (``flux_ids``); a guidance-distilled model (dev) also takes
+  GUIDANCE_SCALE as its ``guidance`` input.
 
 Which tensors a partition's components need is read from their input roles
 (``denoiser_conditioning``), so one code path serves both families.
 
-Every batch here is a classifier-free guidance pair ``[negative; prompt]``
+Every SD / SDXL / SD3 batch here is a classifier-free guidance pair ``[negative; prompt]``
 (batch 2); ``asyncdiff.generation.cfg_batch`` lays out B such pairs.
 """
 
@@ -37,29 +41,39 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from asyncdiff.configs import TEXT_TOKENS
 from asyncdiff.contract import (  # noqa: F401  (the size inputs are re-exported)
     CROPS_COORDS_TOP_LEFT, INPUT_BY_FIELD, ORIGINAL_SIZE, SIZE_INPUTS, Request, token_limit_message,
 )
 from asyncdiff.partition import CONDITIONING_ROLES, Partition
 
-SD, SDXL, SD3 = "sd", "sdxl", "sd3"
-KINDS = (SD, SDXL, SD3)
+SD, SDXL, SD3, FLUX = "sd", "sdxl", "sd3", "flux"
+KINDS = (SD, SDXL, SD3, FLUX)
 # Component input names of the conditioning (asyncdiff.stages / asyncdiff.partition).
 TEXT_STATES, TEXT_EMBEDS, TIME_IDS = "encoder_hidden_states", "text_embeds", "time_ids"
 POOLED_PROJECTIONS = "pooled_projections"  # SD3's pooled text input
 T5_TOKENS = 256  # SD3: diffusers' max_sequence_length default (77 CLIP + 256 T5 text tokens)
+IMG_IDS, TXT_IDS = "img_ids", "txt_ids"  # FLUX's position ids (asyncdiff.dit)
+FLUX_T5_TOKENS = TEXT_TOKENS[FLUX]  # FLUX: diffusers' max_sequence_length default (512)
+FLUX_PATCH = 2  # FLUX packs 2x2 latent patches into one token
 # Graph output names of the exported text encoders (export/onnx_export.py uses these).
 LAST_HIDDEN, PENULTIMATE, POOLED = "last_hidden_state", "penultimate_hidden_state", "text_embeds"
 
 ROLE_DESCRIPTIONS = {
     "text": "text states [2B, 77, D]: SD: the text encoder's last_hidden_state; SDXL: both "
-            "encoders' penultimate hidden states concatenated on the last dim",
+            "encoders' penultimate hidden states concatenated on the last dim; FLUX: [B, 512, W] "
+            "T5's last hidden state",
     "text_embeds": "pooled text embedding [2B, P]: text_encoder_2's projected pooled output "
                    "(SDXL added conditioning)",
     "time_ids": "[2B, 6] original_size + crops_coords_top_left + target_size, pixels as floats "
                 "(SDXL added conditioning)",
-    "pooled": "[2B, P] SD3: CLIP-L and CLIP-G projected pooled outputs concatenated",
+    "pooled": "[2B, P] SD3: CLIP-L and CLIP-G projected pooled outputs concatenated; "
+              "FLUX: [B, P] CLIP's pooled output",
+    "guidance": "[B] FLUX dev: GUIDANCE_SCALE, embedded by the transformer (no CFG rows)",
+    "img_ids": "[B, (h/2)(w/2), 3] FLUX: (0, row, column) of each packed image token",
+    "txt_ids": "[B, T, 3] FLUX: zeros, one per text token",
 }
+FLUX_ROLES = {"text", "pooled", "img_ids", "txt_ids"}  # + "guidance" with guidance_embeds
 
 
 @dataclass(frozen=True)
@@ -84,8 +98,8 @@ def denoiser_conditioning(partition: Partition) -> tuple[ConditioningTensor, ...
 
 
 def conditioning_kind(partition: Partition) -> str:
-    """``sd``, ``sdxl`` or ``sd3`` from the component input roles; other denoisers are not
-    served."""
+    """``sd``, ``sdxl``, ``sd3`` or ``flux`` from the component input roles; other denoisers
+    are not served."""
     roles = {t.role for t in denoiser_conditioning(partition)}
     if roles <= {"text"}:
         return SD
@@ -93,9 +107,11 @@ def conditioning_kind(partition: Partition) -> str:
         return SDXL
     if roles == {"text", "pooled"}:
         return SD3
+    if roles - {"guidance"} == FLUX_ROLES:
+        return FLUX
     raise ValueError(f"no text-to-image conditioning builds the roles {sorted(roles)} "
                      f"(served: {{text}} for SD, {{text, text_embeds, time_ids}} for SDXL, "
-                     f"{{text, pooled}} for SD3)")
+                     f"{{text, pooled}} for SD3, {sorted(FLUX_ROLES)} (+ guidance) for FLUX)")
 
 
 # -- tokenization -------------------------------------------------------------------------
@@ -249,23 +265,45 @@ def encode_request(kind: str, encoders: Sequence, tokenizers: Sequence, req: Req
 # -- SD3 (MMDiT) ----------------------------------------------------------------------------
 
 def sd3_conditioning(clip_states: Sequence[torch.Tensor], clip_pooled: Sequence[torch.Tensor],
-                     t5_states: torch.Tensor) -> dict[str, torch.Tensor]:
+                     t5_states: torch.Tensor | None, *, t5_width: int,
+                     t5_tokens: int = T5_TOKENS) -> dict[str, torch.Tensor]:
     """The SD3 transformer's conditioning of one [negative; prompt] pair, as
-    ``StableDiffusion3Pipeline.encode_prompt`` builds it.
+    ``StableDiffusion3Pipeline.encode_prompt`` builds it from the encoders' outputs (the
+    in-process pipeline and the BLS both call this).
 
     ``clip_states``: CLIP-L's and CLIP-G's penultimate hidden states [2, 77, D_k];
     ``clip_pooled``: their projected pooled outputs [2, P_k];
-    ``t5_states``: T5's last hidden state [2, T, W] (zeros without a T5 encoder).
+    ``t5_states``: T5's last hidden state [2, T, W], or None without a T5 encoder: then zeros
+    [2, t5_tokens, t5_width], as diffusers fills the slot (``t5_width``: the transformer's
+    joint_attention_dim).
     The CLIP states, concatenated on the last dim, are zero-padded to T5's width W and put
     before the T5 tokens: text [2, 77 + T, W]; pooled [2, P_L + P_G].
     """
     clip = torch.cat(list(clip_states), dim=-1)
+    if t5_states is None:
+        t5_states = torch.zeros((clip.shape[0], t5_tokens, t5_width), dtype=clip.dtype,
+                                device=clip.device)
     width = t5_states.shape[-1]
+    if width != t5_width:
+        raise ValueError(f"T5's states are {width} wide; the transformer's joint_attention_dim "
+                         f"is {t5_width}")
     if clip.shape[-1] > width:
         raise ValueError(f"the CLIP states ({clip.shape[-1]} wide) are wider than T5's ({width})")
     clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
     text = torch.cat([clip, t5_states.to(clip.device, clip.dtype)], dim=-2)
-    return {TEXT_STATES: text, POOLED_PROJECTIONS: torch.cat(list(clip_pooled), dim=-1)}
+    pooled = torch.cat([p.to(clip.device, clip.dtype) for p in clip_pooled], dim=-1)
+    return {TEXT_STATES: text, POOLED_PROJECTIONS: pooled}
+
+
+def sd3_token_ids(tokenizers: Sequence, req: Request,
+                  t5_tokens: int = T5_TOKENS) -> list[np.ndarray]:
+    """[negative; prompt] token ids of CLIP-L and CLIP-G [2, 77] and, when the third tokenizer
+    is not None, T5's [2, t5_tokens] (diffusers' max_sequence_length). A prompt over a
+    tokenizer's limit is rejected, not truncated as diffusers does (the CLIP rule here too)."""
+    ids = [cfg_token_ids(tok, req) for tok in tokenizers[:2]]
+    if len(tokenizers) > 2 and tokenizers[2] is not None:
+        ids.append(cfg_token_ids(tokenizers[2], req, t5_tokens))
+    return ids
 
 
 @torch.no_grad()
@@ -280,17 +318,60 @@ def encode_sd3_request(encoders: Sequence, tokenizers: Sequence, req: Request, *
     """SD3 conditioning of one request ([negative; prompt], batch 2) with torch encoders.
 
     ``encoders`` / ``tokenizers``: CLIP-L, CLIP-G, T5 (the T5 pair may be None: its slot is
-    then zeros [2, t5_tokens, t5_width], as diffusers fills it; ``t5_width`` is the
-    transformer's joint_attention_dim).  T5 prompts are padded to ``t5_tokens`` (diffusers'
-    max_sequence_length) and, like CLIP's, rejected rather than truncated when longer.
+    then zeros, see ``sd3_conditioning``).  Tokenized by ``sd3_token_ids``.
     """
-    clip_enc, clip_tok = list(encoders[:2]), list(tokenizers[:2])
-    outs = [encode_penultimate(enc, torch.from_numpy(cfg_token_ids(tok, req)).to(enc.device))
-            for enc, tok in zip(clip_enc, clip_tok, strict=True)]
-    states = [h for h, _ in outs]
-    t5 = encoders[2] if len(encoders) > 2 else None
-    if t5 is None:
-        t5_states = torch.zeros((2, t5_tokens, t5_width), dtype=states[0].dtype)
-    else:
-        t5_states = encode_t5(t5, torch.from_numpy(cfg_token_ids(tokenizers[2], req, t5_tokens)))
-    return sd3_conditioning(states, [p for _, p in outs], t5_states)
+    ids = [torch.from_numpy(i) for i in sd3_token_ids(tokenizers, req, t5_tokens)]
+    outs = [encode_penultimate(enc, i.to(enc.device)) for enc, i in zip(encoders[:2], ids)]
+    t5 = encode_t5(encoders[2], ids[2]) if len(ids) > 2 else None
+    return sd3_conditioning([h for h, _ in outs], [p for _, p in outs], t5,
+                            t5_width=t5_width, t5_tokens=t5_tokens)
+
+
+# -- FLUX -----------------------------------------------------------------------------------
+
+def flux_ids(rows: int, height: int, width: int, text_tokens: int = FLUX_T5_TOKENS,
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``img_ids`` [rows, (h/2)(w/2), 3]: (0, row, column) of each packed token of latents
+    ``height`` x ``width``; ``txt_ids`` zeros [rows, text_tokens, 3].  Batch first like every
+    component input (the components read row 0)."""
+    rows_, cols = height // FLUX_PATCH, width // FLUX_PATCH
+    grid = torch.zeros(rows_, cols, 3)
+    grid[..., 1] += torch.arange(rows_)[:, None]
+    grid[..., 2] += torch.arange(cols)[None, :]
+    img = grid.reshape(rows_ * cols, 3).to(dtype)
+    return {IMG_IDS: img.expand(rows, -1, -1),
+            TXT_IDS: torch.zeros(rows, text_tokens, 3, dtype=dtype)}
+
+
+def flux_conditioning(clip_pooled: torch.Tensor,
+                      t5_states: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The text conditioning of one prompt (batch 1), as ``FluxPipeline.encode_prompt``: T5's
+    states as the text tokens, CLIP's pooled output as ``pooled_projections`` (the in-process
+    pipeline and the BLS both call this)."""
+    return {TEXT_STATES: t5_states, POOLED_PROJECTIONS: clip_pooled.to(t5_states.dtype)}
+
+
+def check_no_negative_prompt(req: Request) -> None:
+    """FLUX takes no NEGATIVE_PROMPT (no true CFG): refused, named, rather than ignored."""
+    if req.negative_prompt:
+        raise ValueError(f"{INPUT_BY_FIELD['negative_prompt'].name} must be empty: FLUX runs "
+                         "without classifier-free guidance (GUIDANCE_SCALE goes to the "
+                         "guidance embedding)")
+
+
+def flux_token_ids(tokenizers: Sequence, req: Request,
+                   t5_tokens: int = FLUX_T5_TOKENS) -> list[np.ndarray]:
+    """The prompt's token ids (batch 1): CLIP's [1, 77] and T5's [1, t5_tokens].  Prompts over
+    a limit are rejected, not truncated as diffusers does."""
+    return [token_ids(tokenizers[0], req.prompt),
+            token_ids(tokenizers[1], req.prompt, max_length=t5_tokens)]
+
+
+@torch.no_grad()
+def encode_flux_request(encoders: Sequence, tokenizers: Sequence, req: Request,
+                        t5_tokens: int = FLUX_T5_TOKENS) -> dict[str, torch.Tensor]:
+    """FLUX conditioning of one prompt (batch 1) with torch encoders (CLIP, T5)."""
+    clip, t5 = encoders
+    clip_ids, t5_ids = (torch.from_numpy(i) for i in flux_token_ids(tokenizers, req, t5_tokens))
+    pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
+    return flux_conditioning(pooled, encode_t5(t5, t5_ids))

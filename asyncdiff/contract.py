@@ -37,7 +37,7 @@ MAX_GUIDANCE_SCALE = 100.0  # far above any useful scale; 3e38 overflowed to NaN
 # Checked on the raw bytes, before decoding or tokenizing: a prompt within the token limit is
 # at most a few hundred bytes, and a 16 MiB one used to block the server while it was tokenized.
 MAX_TEXT_BYTES = 4096
-FLOW_MATCH_EULER = "flowmatch-euler"  # SD3's FlowMatchEulerDiscreteScheduler
+FLOW_MATCH_EULER = "flowmatch-euler"  # SD3's and FLUX's FlowMatchEulerDiscreteScheduler
 SCHEDULERS = ("ddim", "euler", "dpmsolver++", FLOW_MATCH_EULER)
 MAX_NUM_IMAGES = 64  # the contract's bound; a deployment allows up to its max_batch_requests
 MAX_SIDE = 16384  # pixels; a deployment serves only the sizes it was exported for
@@ -285,6 +285,7 @@ TEXT_ENCODER = NetworkNames("text_encoder", "input_ids", "last_hidden_state")
 TEXT_ENCODER_2 = NetworkNames("text_encoder_2", "input_ids", "penultimate_hidden_state")  # SDXL
 VAE_DECODER = NetworkNames("vae_decoder", "latents", "image")
 VAE_ENCODER = NetworkNames("vae_encoder", "image", "latent_moments")  # img2img
+TEXT_ENCODER_3 = NetworkNames("text_encoder_3", "input_ids", "last_hidden_state")  # SD3's T5
 
 # Parameters of the pipeline config that Triton's python backend reads itself (not ours).
 TRITON_PARAMETERS = ("FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH")
@@ -342,6 +343,19 @@ class PipelineParams:
     # log-variance concatenated on the channels, as diffusers' DiagonalGaussianDistribution).
     img2img: bool = False
     vae_encoder: NetworkNames = VAE_ENCODER
+    # -- SD3 (conditioning "sd3"): text_encoder and text_encoder_2 (CLIP-L, CLIP-G) give
+    # penultimate states and projected pooled outputs (``text_encoder_pooled``,
+    # ``text_encoder_2_pooled``); ``t5``: text_encoder_3 (T5) is served, else its slot is zeros.
+    # The VAE decodes latents / vae_scaling_factor + vae_shift_factor.
+    text_encoder_pooled: str = "text_embeds"
+    text_encoder_3: NetworkNames = TEXT_ENCODER_3
+    tokenizer_3_dir: str = "tokenizer_3"
+    t5: bool = False
+    vae_shift_factor: float = 0.0
+    # -- FLUX (conditioning "flux"): text_encoder (CLIP) gives its pooled output
+    # (``text_encoder.output``), text_encoder_2 (T5, tokenizer_2_dir) its last hidden state;
+    # one row per image, no CFG (GUIDANCE_SCALE goes to a guidance embedding); the scheduler
+    # config's dynamic shift is applied from the image size; the VAE decodes as SD3's.
 
     def sizes(self) -> list[tuple[int, int]]:
         """(width, height) of every served size, the default first."""

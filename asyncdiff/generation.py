@@ -29,6 +29,14 @@ and the scheduler step run in fp32 whatever dtype the components serve.
 Flow matching (SD3, SCHEDULER ``flowmatch-euler``): the scheduler has no
 ``init_noise_sigma`` and no ``scale_model_input``; the latents start as plain
 seeded Gaussians and enter the denoiser unscaled, as diffusers does.
+
+Other denoiser families (``Denoising``; FLUX: ``asyncdiff.flux.FLUX_DENOISING``): without
+classifier-free guidance the model batch is one row per request (GUIDANCE_SCALE then goes
+to a component input of role ``guidance``, a guidance-distilled model's embedding); packed
+latents enter as patch tokens while the latents, the scheduler step and the result stay
+[B, C, h, w]; the components may take the timestep divided by a scale (FLUX: sigmas), and
+the scheduler's ``set_timesteps`` may take more keywords (FLUX: sigmas and the dynamic
+shift ``mu`` from the number of image tokens).
 """
 
 from __future__ import annotations
@@ -58,18 +66,20 @@ def is_flow_matching(config: Mapping) -> bool:
     return "shift" in config and "beta_start" not in config
 
 
-def check_scheduler_fits(name: str, config: Mapping) -> None:
+def check_scheduler_fits(name: str, config: Mapping, *, dynamic_shift: bool = False) -> None:
     """A flow-matching model takes only ``flowmatch-euler``, a DDPM-family one only the
     others; ValueError naming what it takes.  (``make_scheduler`` itself builds any name from
-    any config: the BLS sizes every scheduler's step limit at load.)"""
+    any config: the BLS sizes every scheduler's step limit at load.)  ``dynamic_shift``: the
+    caller passes ``mu`` to ``set_timesteps`` (FLUX), which a scheduler with
+    ``use_dynamic_shifting`` needs."""
     flow = is_flow_matching(config)
     if (name == FLOW_MATCH_EULER) != flow and name in SCHEDULERS:
         takes = [FLOW_MATCH_EULER] if flow else [s for s in SCHEDULERS if s != FLOW_MATCH_EULER]
         raise ValueError(f"SCHEDULER {name!r} does not fit this model's "
                          f"{'flow-matching' if flow else 'noise'} schedule; it takes {takes}")
-    if flow and dict(config).get("use_dynamic_shifting"):  # FLUX-style: needs mu (image size)
-        raise NotImplementedError("flow-matching schedulers with use_dynamic_shifting are not "
-                                  "supported")
+    if flow and dict(config).get("use_dynamic_shifting") and not dynamic_shift:
+        raise NotImplementedError("flow-matching schedulers with use_dynamic_shifting need mu "
+                                  "from the image size: only FLUX pipelines pass it")
 
 
 def max_steps(scheduler: str, config: Mapping) -> int:
@@ -132,6 +142,41 @@ def cfg_batch(pairs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p[:1] for p in pairs] + [p[1:] for p in pairs])
 
 
+@dataclass(frozen=True)
+class Denoising:
+    """How a denoiser family's loop differs from SD / SDXL / SD3's (the defaults).
+
+    ``cfg``: model rows ``[uncond x B; cond x B]`` and classifier-free guidance; False: one
+    row per request and the noise prediction used as it is.
+    ``timestep_scale``: the components take the scheduler's timestep divided by this.
+    ``patch``: the denoiser takes the latents [B, C, h, w] as patch x patch tokens
+    [B, (h/p)(w/p), C p p] and returns its prediction so; None: as they are.
+    ``timestep_kwargs``: (scheduler config, steps, image tokens) -> more ``set_timesteps``
+    keywords.
+    """
+
+    cfg: bool = True
+    timestep_scale: float = 1.0
+    patch: int | None = None
+    timestep_kwargs: Callable[[Mapping, int, int], Mapping[str, Any]] | None = None
+
+
+def pack_latents(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, h, w] -> [B, (h/p)(w/p), C p p]: each p x p patch, channel-major, one token (row
+    by row), as diffusers packs FLUX latents."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack_latents(tokens: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack_latents`` for latents of ``height`` x ``width``."""
+    b, _, d = tokens.shape
+    c = d // (patch * patch)
+    x = tokens.reshape(b, height // patch, width // patch, c, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
 @dataclass
 class ComponentCall:
     """One call an executor runs: ``model`` on ``inputs`` (in the component's input order).
@@ -178,6 +223,7 @@ class Generation:
     ``latent_size``: (h, w) of the latents (default: the partition's). ``init_latents`` and
     ``noise`` ([B, C, h, w], ``asyncdiff.img2img.init_latents``): img2img with the requests'
     STRENGTH; ``timesteps`` then holds the remaining timesteps and ``steps`` their number.
+    ``denoising``: the family's rows, latent packing and timesteps (default: SD's).
     """
 
     def __init__(self, partition: Partition, requests: Sequence[Request],
@@ -187,7 +233,8 @@ class Generation:
                  to_executor: Callable[[str, torch.Tensor], Any] | None = None,
                  from_executor: Callable[[Any], torch.Tensor] | None = None,
                  latent_size: tuple[int, int] | None = None,
-                 init_latents: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+                 init_latents: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 denoising: Denoising = Denoising()):
         self.requests = list(requests)
         if not self.requests:
             raise ValueError("a generation needs at least one request")
@@ -203,17 +250,23 @@ class Generation:
                                  f"of a batch, got {values}")
         first = self.requests[0]
         self.partition, self.batch = partition, len(self.requests)
+        self.denoising = denoising
+        self.rows = (2 if denoising.cfg else 1) * self.batch  # the model batch
         self.device = torch.device(device)
         self.batched_stride = batched_stride
         self.to_executor = to_executor or (lambda name, value: value)
         self.from_executor = from_executor or (lambda value: value)
         latent = latent_input(partition)
-        self.latent_name, self.latent_shape = latent.name, tuple(latent.shape[1:])  # [C, h, w]
+        self.latent_name, self.latent_shape = latent.name, self._unpacked_shape(latent)  # [C, h, w]
         self.default_latent_size = self.latent_shape[1:]  # the partition's (h, w)
         if latent_size is not None and tuple(latent_size) != self.default_latent_size:
             if len(self.latent_shape) != 3 or len(latent_size) != 2 or min(latent_size) < 1:
                 raise ValueError(f"latent_size must be (h, w) >= 1 of a [C, h, w] latent; got "
                                  f"{latent_size} for {latent.name} {list(self.latent_shape)}")
+            p = denoising.patch or 1
+            if latent_size[0] % p or latent_size[1] % p:
+                raise ValueError(f"latent_size {tuple(latent_size)} must be multiples of the "
+                                 f"packing patch {p}")
             self.latent_shape = (self.latent_shape[0], *latent_size)
         self.latent_component = latent_component(partition)
         run = steps_to_run(first.steps, first.strength, first.warmup) if img2img else first.steps
@@ -222,9 +275,13 @@ class Generation:
         self.cache = ActivationCache(partition, self.plan)
         self.scheduler = self.latents = None
         if scheduler_config is not None:
-            check_scheduler_fits(first.scheduler, scheduler_config)
+            kwargs = {}
+            if denoising.timestep_kwargs is not None:
+                kwargs = dict(denoising.timestep_kwargs(scheduler_config, first.steps,
+                                                        self.image_tokens))
+            check_scheduler_fits(first.scheduler, scheduler_config, dynamic_shift="mu" in kwargs)
             self.scheduler = make_scheduler(first.scheduler, scheduler_config)
-            self.scheduler.set_timesteps(first.steps, device=self.device)
+            self.scheduler.set_timesteps(first.steps, device=self.device, **kwargs)
             if img2img:
                 timesteps = img2img_timesteps(self.scheduler, first.steps, first.strength)
                 self.latents = self._img2img_latents(init_latents, noise, timesteps)
@@ -242,12 +299,15 @@ class Generation:
         self.conditioning = {}
         for name, value in conditioning.items():  # converted once per generation
             if isinstance(value, torch.Tensor):
-                if value.shape[0] != 2 * self.batch:
+                if value.shape[0] != self.rows:
+                    layout = ("[uncond x B; cond x B]" if denoising.cfg
+                              else "one row per request")
                     raise ValueError(f"conditioning {name!r} has batch {value.shape[0]}; "
-                                     f"{self.batch} requests need {2 * self.batch} ([uncond x B; cond x B])")
+                                     f"{self.batch} requests need {self.rows} ({layout})")
                 value = self.to_executor(name, value)
             self.conditioning[name] = value
         self._timestep: dict[tuple[str, int], Any] = {}
+        self._guidance: dict[str, Any] = {}
         self._zeros: dict[str, Any] = {}
         self._input_step, self._input, self._sample = -1, None, None
         self._img2img = img2img
@@ -261,16 +321,25 @@ class Generation:
     def img2img(self) -> bool:
         return self._img2img
 
+    @property
+    def image_tokens(self) -> int:
+        """The latent's positions the denoiser sees: (h/p)(w/p) packed tokens, or h * w."""
+        p = self.denoising.patch or 1
+        return (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
+
     # -- one step ------------------------------------------------------------
     def model_input(self, step: int) -> torch.Tensor | None:
-        """The scheduler-scaled [x x 2] latent batch entering ``step`` (torch; None without latents)."""
+        """The scheduler-scaled [x x 2] latent batch entering ``step`` ([x] without guidance,
+        packed when the denoiser takes tokens; torch; None without latents)."""
         if self.scheduler is None:
             return None
         if self._input_step != step:
             t = self.timesteps[step]
-            self._input = torch.cat([self.latents] * 2)
+            self._input = torch.cat([self.latents] * 2) if self.denoising.cfg else self.latents
             if hasattr(self.scheduler, "scale_model_input"):  # flow matching takes x as it is
                 self._input = self.scheduler.scale_model_input(self._input, t)
+            if self.denoising.patch:
+                self._input = pack_latents(self._input, self.denoising.patch)
             self._input_step, self._sample = step, None
         return self._input
 
@@ -312,9 +381,12 @@ class Generation:
         # fp32 whatever the components serve: some diffusers schedulers cast prev_sample to
         # the noise prediction's dtype, which would turn the latents fp16 for good.
         eps = self.from_executor(self.cache.noise_pred(step)).to(self.latents.dtype)
+        if self.denoising.patch:  # the scheduler step is elementwise: unpacked, it is the same
+            eps = unpack_latents(eps, self.denoising.patch, *self.latent_shape[1:])
         self.model_input(step)  # diffusers expects scale_model_input before step()
         t = self.timesteps[step]
-        self.latents = self.scheduler.step(self._guide(eps), t, self.latents).prev_sample
+        eps = self._guide(eps) if self.denoising.cfg else eps
+        self.latents = self.scheduler.step(eps, t, self.latents).prev_sample
         if not torch.isfinite(self.latents).all():  # an overflow would only end in a black image
             raise FloatingPointError(f"the latents are not finite after step {step} of {self.steps}")
 
@@ -345,11 +417,23 @@ class Generation:
         return self._sample
 
     def _timestep_value(self, name: str, index: int):
-        """[2B] timestep of ``index``, built and converted once per timestep index."""
+        """[rows] timestep of ``index``, built and converted once per timestep index."""
         if (name, index) not in self._timestep:
-            t = self.timesteps[index].float().reshape(1).expand(2 * self.batch)
+            t = self.timesteps[index].float().reshape(1).expand(self.rows)
+            if self.denoising.timestep_scale != 1.0:  # FLUX: sigma = t / 1000, as diffusers divides
+                t = t / self.denoising.timestep_scale
             self._timestep[(name, index)] = self.to_executor(name, t)
         return self._timestep[(name, index)]
+
+    def _guidance_value(self, name: str):
+        """[rows] GUIDANCE_SCALE per request for a guidance embedding, built once."""
+        if name not in self._guidance:
+            if self.denoising.cfg:
+                raise ValueError(f"{name!r} embeds the guidance scale: a guidance-distilled "
+                                 "model runs without classifier-free guidance rows")
+            scales = torch.tensor([r.guidance_scale for r in self.requests], dtype=torch.float32)
+            self._guidance[name] = self.to_executor(name, scales.to(self.device))
+        return self._guidance[name]
 
     def _call(self, step: int, pos: int, call: Call, sample) -> ComponentCall:
         spec = self.partition.components[call.component]
@@ -364,6 +448,8 @@ class Generation:
                 inputs[t.name] = self._timestep_value(t.name, call.timestep_index)
             elif t.name in self.conditioning:
                 inputs[t.name] = self.conditioning[t.name]
+            elif t.role == "guidance":
+                inputs[t.name] = self._guidance_value(t.name)
             else:
                 raise ValueError(f"{spec.name} needs conditioning {t.name!r} ({t.role}); "
                                  f"given: {sorted(self.conditioning)}")
@@ -385,10 +471,22 @@ class Generation:
         """Zeros for an input of the ring's back stages during its front call (one model per
         component: an executor that cannot skip the back runs it on these and drops it)."""
         if spec.name not in self._zeros:
-            shape = (2 * self.batch, *self._scaled(spec))
+            shape = (self.rows, *self._scaled(spec))
             zeros = torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=self.device)
             self._zeros[spec.name] = self.to_executor(spec.name, zeros)
         return self._zeros[spec.name]
+
+    def _unpacked_shape(self, latent) -> tuple[int, ...]:
+        """[C, h, w] of one latent: the partition's latent input, unpacked from [L, C p p]
+        tokens when the denoiser takes packed latents."""
+        p, dims = self.denoising.patch, tuple(latent.shape[1:])
+        if not p:
+            return dims
+        h, w = self.partition.latent_height, self.partition.latent_width
+        if len(dims) != 2 or dims[0] * p * p != h * w or dims[1] % (p * p):
+            raise ValueError(f"{latent.name} {list(dims)} is not {h} x {w} latents packed in "
+                             f"{p} x {p} patches")
+        return (dims[1] // (p * p), h, w)
 
     def _scaled(self, spec) -> tuple[int, ...]:
         """An activation's shape (without batch) at this generation's latent size: a UNet

@@ -45,6 +45,15 @@ def per_image(reqs: Sequence[Request]) -> list[Request]:
     return [dataclasses.replace(r, seed=s, num_images=1) for r in reqs for s in r.seeds()]
 
 
+def check_transformer(pipe, kind: str, message: str) -> None:
+    """ValueError(``message``) unless ``pipe`` has a transformer of denoiser ``kind``."""
+    from asyncdiff.configs import denoiser_kind
+
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or denoiser_kind(transformer.config) != kind:
+        raise ValueError(f"{type(pipe).__name__}: {message}")
+
+
 class AsyncDiffPipeline:
     """A diffusers SD or SDXL pipeline whose UNet runs as an AsyncDiff plan in-process.
 
@@ -52,39 +61,51 @@ class AsyncDiffPipeline:
     ``components`` then defaults to what they make (otherwise to 2).  The conditioning
     (SD: text states; SDXL: text states, pooled embeddings, time ids) is what the
     partition's components take (``asyncdiff.conditioning``).  A diffusers SD3 pipeline (a
-    ``transformer``, no ``unet``) makes an ``asyncdiff.sd3.AsyncDiffSD3Pipeline``.
+    ``transformer``, no ``unet``) makes an ``asyncdiff.sd3.AsyncDiffSD3Pipeline``, a FLUX one
+    an ``asyncdiff.flux.AsyncDiffFluxPipeline``.
     """
 
     def __new__(cls, sd_pipe=None, *args, **kwargs):
+        transformer = getattr(sd_pipe, "transformer", None)
         if cls is AsyncDiffPipeline and getattr(sd_pipe, "unet", None) is None \
-                and getattr(sd_pipe, "transformer", None) is not None:
+                and transformer is not None:
+            from asyncdiff.configs import denoiser_kind
+
+            if denoiser_kind(transformer.config) == "flux":
+                from asyncdiff.flux import AsyncDiffFluxPipeline
+
+                return super().__new__(AsyncDiffFluxPipeline)
             from asyncdiff.sd3 import AsyncDiffSD3Pipeline
 
             return super().__new__(AsyncDiffSD3Pipeline)
         return super().__new__(cls)
 
+    rows_per_prompt = 2  # the denoiser batch of one image: [negative; prompt]
+
     def __init__(self, sd_pipe, components: int | None = None, stride: int = 1, *,
                  layout="sequential", cost="flops", batched_stride: bool = False,
                  latent_size: int | None = None, cuts: Sequence[str] | None = None):
         from asyncdiff.components import build_components
-        from asyncdiff.partition import partition_unet
+        from asyncdiff.configs import default_latent_size
+        from asyncdiff.partition import partition_denoiser
         from asyncdiff.runners import LocalRunner
 
         self.sd = sd_pipe
         self.batched_stride = batched_stride
-        size = latent_size or sd_pipe.unet.config.sample_size
+        denoiser = self.denoiser
+        size = latent_size or default_latent_size(denoiser.config)
         if components is None and cuts is None:
             components = 2
-        self.partition = partition_unet(
-            sd_pipe.unet, components, model="pipeline", batch=2, height=size, width=size,
-            metric=cost, stride=stride, layout=layout.replace("-", "_"),
+        self.partition = partition_denoiser(
+            denoiser, components, model="pipeline", batch=self.rows_per_prompt, height=size,
+            width=size, metric=cost, stride=stride, layout=layout.replace("-", "_"),
             batched_stride=batched_stride, cuts=None if cuts is None else list(cuts),
         )
         self.kind = conditioning_kind(self.partition)
         pixels = size * sd_pipe.vae_scale_factor
         self.default_size = (pixels, pixels)  # (height, width)
         self.sizes = SizeConditioning.default(pixels, pixels)  # diffusers' SDXL defaults
-        self.runner = LocalRunner(build_components(sd_pipe.unet, self.partition))
+        self.runner = LocalRunner(build_components(denoiser, self.partition))
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "tiny", **kwargs) -> "AsyncDiffPipeline":
@@ -99,8 +120,9 @@ class AsyncDiffPipeline:
 
     @property
     def denoiser(self):
-        """The model the plan cuts: the UNet (SD3: the transformer)."""
-        return self.sd.unet
+        """The model the plan cuts: the UNet, or a DiT pipeline's transformer."""
+        unet = getattr(self.sd, "unet", None)
+        return unet if unet is not None else self.sd.transformer
 
     @property
     def encoders(self) -> list:

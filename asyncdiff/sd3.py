@@ -27,7 +27,14 @@ import torch
 from asyncdiff.conditioning import SD3, T5_TOKENS, SizeConditioning, encode_sd3_request
 from asyncdiff.contract import FLOW_MATCH_EULER, Request
 from asyncdiff.generation import Generation
-from asyncdiff.pipeline import AsyncDiffPipeline, to_uint8_images
+from asyncdiff.pipeline import AsyncDiffPipeline, check_transformer, to_uint8_images
+
+
+def vae_latents(latents: torch.Tensor, scaling_factor: float,
+                shift_factor: float | None = 0.0) -> torch.Tensor:
+    """What the VAE decoder takes: ``latents / scaling_factor + shift_factor`` (SD3's VAE has a
+    shift; without one this is SD's ``latents / scaling_factor``). The BLS decodes so too."""
+    return latents / scaling_factor + (shift_factor or 0.0)
 
 
 class AsyncDiffSD3Pipeline(AsyncDiffPipeline):
@@ -39,38 +46,12 @@ class AsyncDiffSD3Pipeline(AsyncDiffPipeline):
 
     scheduler_name = FLOW_MATCH_EULER
 
-    def __init__(self, sd_pipe, components: int | None = None, stride: int = 1, *,
-                 layout="sequential", cost="flops", batched_stride: bool = False,
-                 latent_size: int | None = None, cuts: Sequence[str] | None = None):
-        from asyncdiff.components import build_components
-        from asyncdiff.configs import denoiser_kind
-        from asyncdiff.partition import partition_denoiser
-        from asyncdiff.runners import LocalRunner
+    t5_tokens = T5_TOKENS
 
-        transformer = getattr(sd_pipe, "transformer", None)
-        if transformer is None or denoiser_kind(transformer.config) != "sd3":
-            raise ValueError(f"{type(sd_pipe).__name__}: only SD3 pipelines (an "
-                             "SD3Transformer2DModel) run here; FLUX is not served in-process yet")
-        self.sd = sd_pipe
-        self.batched_stride = batched_stride
-        size = latent_size or transformer.config.sample_size
-        if components is None and cuts is None:
-            components = 2
-        self.partition = partition_denoiser(
-            transformer, components, model="pipeline", batch=2, height=size, width=size,
-            metric=cost, stride=stride, layout=layout.replace("-", "_"),
-            batched_stride=batched_stride, cuts=None if cuts is None else list(cuts),
-        )
-        self.kind = SD3
-        pixels = size * sd_pipe.vae_scale_factor
-        self.default_size = (pixels, pixels)
-        self.sizes = SizeConditioning.default(pixels, pixels)  # unused by SD3; kept for the API
-        self.t5_tokens = T5_TOKENS
-        self.runner = LocalRunner(build_components(transformer, self.partition))
-
-    @property
-    def denoiser(self):
-        return self.sd.transformer
+    def __init__(self, sd_pipe, *args, **kwargs):
+        check_transformer(sd_pipe, SD3, "only SD3 pipelines (an SD3Transformer2DModel) run "
+                                        "here; FLUX pipelines: asyncdiff.flux")
+        super().__init__(sd_pipe, *args, **kwargs)
 
     @property
     def encoders(self) -> list:
@@ -101,6 +82,6 @@ class AsyncDiffSD3Pipeline(AsyncDiffPipeline):
     def decode_images(self, latents: torch.Tensor) -> np.ndarray:
         """[B, H, W, 3] uint8: SD3's VAE takes ``latents / scaling_factor + shift_factor``."""
         vae = self.sd.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        z = (latents / vae.config.scaling_factor + shift).to(vae.dtype)
+        z = vae_latents(latents, vae.config.scaling_factor,
+                        getattr(vae.config, "shift_factor", None)).to(vae.dtype)
         return to_uint8_images(vae.decode(z).sample.float())

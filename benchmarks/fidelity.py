@@ -1,13 +1,16 @@
 """AsyncDiff fidelity on the tiny digits model: how far do async images drift from sequential ones?
 
-    python -m benchmarks.fidelity [--quick] [--pairs 200] [--steps 25] [--guidance-scale 3.0]
-                                  [--json benchmarks/results/fidelity.json]
+    python -m benchmarks.fidelity [--model tiny|tiny-sd3] [--quick] [--pairs 200] [--steps 25]
+                                  [--guidance-scale 3.0] [--json benchmarks/results/fidelity.json]
                                   [--plot docs/img/fidelity.png]
 
 For a fixed, seeded set of prompt/seed pairs (every digit, the tiny model's
 prompt templates) each (N components, stride S, warm-up w) config is sampled
 and compared image-by-image with the sequential image of the same pair:
-PSNR, SSIM, and the digit classifier's accuracy against the prompt's digit.
+PSNR, SSIM, and the digit classifier's accuracy against the prompt's digit; for scale,
+the PSNR between sequential images of the same prompts with other seeds.
+``--model tiny-sd3`` runs the trained tiny MMDiT (asyncdiff/tiny/sd3_model, flow-matching
+Euler) through ``AsyncDiffSD3Pipeline`` instead of the UNet (DDIM).
 Beside them: the plan's ideal speedup and the paper's measured SD 2.1 ones.
 The last line printed is ``psnr_n2s1_w1=<dB> acc_seq=<a> acc_n2s1_w1=<b>``.
 """
@@ -32,9 +35,11 @@ from asyncdiff.partition import NOISE_PRED
 from asyncdiff.pipeline import AsyncDiffPipeline
 from asyncdiff.placement import Placement
 from asyncdiff.schedule import make_plan
+from asyncdiff.sd3 import AsyncDiffSD3Pipeline
 from benchmarks.metrics import PSNR_CAP_DB, SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
 
 FULL_CONFIGS = [(1, 1, 1)] + [(n, s, w) for n in (2, 3, 4) for s in (1, 2) for w in (1, 3, 5, 9)]
+DIT_CONFIGS = [(1, 1, 1)] + [(n, s, w) for n in (2, 3, 4) for s in (1, 2) for w in (1, 3, 5)]
 # The headline N2S1-w1 plus the paper's two stride configs and one warm-up step more.
 QUICK_CONFIGS = [(1, 1, 1), (2, 1, 1), (2, 1, 3), (2, 2, 1), (3, 2, 1)]
 QUICK_PAIRS = 30
@@ -45,6 +50,41 @@ PAPER_SPEEDUP = {
     "table1_50steps": {"N2S1": 1.8, "N3S1": 2.3, "N4S1": 2.6, "N2S2": 3.0, "N3S2": 4.0},
     "table7_25steps": {"N2S1": 1.7, "N3S1": 2.1, "N4S1": 2.4, "N2S2": 2.7, "N3S2": 3.4},
     "table2_n3s2_warmup": {"3": 3.5, "5": 3.1, "7": 2.9, "9": 2.7, "11": 2.4},
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model the sweep can run: how to load it, which weights identify it, its sampler."""
+
+    name: str
+    weights: str  # file under the pipeline folder hashed into the result
+    scheduler: str  # the Request SCHEDULER value
+    configs: tuple  # the default (full) sweep
+    json: str  # default result file of the full sweep
+
+    def load(self):
+        import asyncdiff.tiny
+
+        if self.name == "tiny-sd3":
+            from asyncdiff.tiny.train_dit import load_sd3_pipeline
+
+            return load_sd3_pipeline()
+        return asyncdiff.tiny.load_pipeline()  # looked up at call time (tests replace it)
+
+    def folder(self) -> Path:
+        from asyncdiff.tiny import MODEL_DIR
+        from asyncdiff.tiny.train_dit import SD3_MODEL_DIR
+
+        return Path(SD3_MODEL_DIR if self.name == "tiny-sd3" else MODEL_DIR)
+
+
+MODELS = {
+    "tiny": Model("tiny", "unet/diffusion_pytorch_model.safetensors", "ddim",
+                  tuple(FULL_CONFIGS), "benchmarks/results/fidelity.json"),
+    "tiny-sd3": Model("tiny-sd3", "transformer/diffusion_pytorch_model.safetensors",
+                      "flowmatch-euler", tuple(DIT_CONFIGS),
+                      "benchmarks/results/fidelity_dit.json"),
 }
 
 
@@ -85,20 +125,24 @@ def ideal_speedup(steps: int, n: int, s: int, w: int) -> float:
 
 @torch.no_grad()
 def generate(pipe: AsyncDiffPipeline, pairs: list[Pair], steps: int, guidance: float,
-             warmup: int) -> np.ndarray:
+             warmup: int, seed_offset: int = 0) -> np.ndarray:
     """The pipeline's generation for a whole batch of pairs at once (one Generation of B requests).
 
     Batching B prompts into one UNet batch of 2B is what makes the sweep
-    affordable on a CPU.  Returns uint8 (B, H, W, 3).
+    affordable on a CPU.  ``seed_offset`` shifts every seed (the other-seed baseline).
+    Returns uint8 (B, H, W, 3).
     """
-    reqs = [Request(p.prompt, seed=p.seed, steps=steps, guidance_scale=guidance, warmup=warmup)
+    scheduler = getattr(pipe, "scheduler_name", "ddim")
+    reqs = [Request(p.prompt, seed=(p.seed + seed_offset) % 2**31, steps=steps,
+                    guidance_scale=guidance, warmup=warmup, scheduler=scheduler)
             for p in pairs]
     return pipe.decode_images(pipe.generate_latents(reqs))
 
 
-def generate_all(pipe, pairs, steps, guidance, warmup, batch) -> np.ndarray:
+def generate_all(pipe, pairs, steps, guidance, warmup, batch, seed_offset=0) -> np.ndarray:
     chunks = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
-    return np.concatenate([generate(pipe, c, steps, guidance, warmup) for c in chunks])
+    return np.concatenate([generate(pipe, c, steps, guidance, warmup, seed_offset)
+                           for c in chunks])
 
 
 def as_float(images: np.ndarray) -> np.ndarray:
@@ -129,10 +173,15 @@ def evaluate(sd, pairs: list[Pair], configs, steps: int, guidance: float, batch:
         return pipes[(n, s)]
 
     t0 = time.perf_counter()
-    reference = generate_all(ReferencePipe(sd), pairs, steps, guidance, 1, batch)
+    ref_pipe = reference_pipe(sd)
+    reference = generate_all(ref_pipe, pairs, steps, guidance, 1, batch)
     acc_seq, pred_seq = accuracy(reference, digits)
     log(f"sequential reference: {len(pairs)} images in {time.perf_counter() - t0:.1f} s, "
         f"accuracy {acc_seq:.3f}")
+    # Scale for the PSNRs below: the same prompts sampled with other seeds.
+    other = generate_all(ref_pipe, pairs, steps, guidance, 1, batch, seed_offset=1)
+    psnr_other = psnr(as_float(other), as_float(reference))
+    log(f"other seed vs sequential: psnr {psnr_other.mean():.2f} dB")
     rows = []
     for n, s, w in configs:
         t0 = time.perf_counter()
@@ -153,15 +202,15 @@ def evaluate(sd, pairs: list[Pair], configs, steps: int, guidance: float, batch:
         log(f"{label(n, s, w)}: psnr {p.mean():.2f} dB, ssim {q.mean():.4f}, acc {acc:.3f} "
             f"({rows[-1]['seconds']:.1f} s)")
     return {"accuracy_sequential": acc_seq, "predictions_sequential": pred_seq.tolist(),
-            "configs": rows}
+            "psnr_other_seed_mean": float(psnr_other.mean()), "configs": rows}
 
 
-class ReferencePipe(AsyncDiffPipeline):
-    """The sequential reference: the diffusers UNet itself, not our components.
+class _WholeDenoiser:
+    """The sequential reference: the diffusers denoiser itself, not our components.
 
     A one-component plan is all warm-up, so each step is one call, which this
-    executor runs on the whole UNet.  Keeping the reference independent of the
-    component code makes the N=1 row a real check (expected: identical images,
+    executor runs on the whole UNet / transformer.  Keeping the reference independent
+    of the component code makes the N=1 row a real check (expected: identical images,
     reported as the PSNR cap).
     """
 
@@ -175,8 +224,27 @@ class ReferencePipe(AsyncDiffPipeline):
     def run_wave(self, calls) -> list[dict]:
         (call,) = calls
         x = call.inputs
-        eps = self.sd.unet(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"])
-        return [{NOISE_PRED: eps.sample}]
+        if "pooled_projections" in x:  # SD3's MMDiT
+            out = self.sd.transformer(hidden_states=x["sample"], timestep=x["timestep"],
+                                      encoder_hidden_states=x["encoder_hidden_states"],
+                                      pooled_projections=x["pooled_projections"])
+        else:
+            out = self.sd.unet(x["sample"], x["timestep"],
+                               encoder_hidden_states=x["encoder_hidden_states"])
+        return [{NOISE_PRED: out.sample}]
+
+
+class ReferencePipe(_WholeDenoiser, AsyncDiffPipeline):
+    """The UNet pipelines' sequential reference."""
+
+
+class ReferenceSD3Pipe(_WholeDenoiser, AsyncDiffSD3Pipeline):
+    """The SD3 pipelines' sequential reference."""
+
+
+def reference_pipe(sd) -> AsyncDiffPipeline:
+    """The sequential reference of a UNet or SD3 pipeline."""
+    return ReferencePipe(sd) if getattr(sd, "transformer", None) is None else ReferenceSD3Pipe(sd)
 
 
 def paper_speedup(n: int, s: int, w: int) -> float | None:
@@ -195,6 +263,8 @@ def format_table(result: dict) -> str:
     lines = [head, "-" * len(head),
              f"{'sequential':10} {'-':>8} {'-':>7} {result['accuracy_sequential']:6.3f} "
              f"{'-':>6} {1.0:8.2f} {1.0:8.1f}"]
+    if "psnr_other_seed_mean" in result:
+        lines.append(f"{'other seed':10} {result['psnr_other_seed_mean']:8.2f}")
     for r in result["configs"]:
         paper = paper_speedup(r["components"], r["stride"], r["warmup"])
         lines.append(f"{r['config']:10} {r['psnr_mean']:8.2f} {r['ssim_mean']:7.4f} "
@@ -208,6 +278,9 @@ def markdown_table(result: dict) -> str:
     lines = ["| config | PSNR dB (mean) | PSNR min | SSIM (mean) | acc | agree "
              "| ideal speedup | paper SD 2.1 (measured) |", "|---|---|---|---|---|---|---|---|",
              f"| sequential | – | – | – | {result['accuracy_sequential']:.3f} | – | 1.00× | 1.0× |"]
+    if "psnr_other_seed_mean" in result:  # scale: same prompts, sequential, seed + 1
+        lines.append(f"| sequential, other seed | {result['psnr_other_seed_mean']:.2f} "
+                     "| – | – | – | – | – | – |")
     for r in result["configs"]:
         paper = paper_speedup(r["components"], r["stride"], r["warmup"])
         lines.append(f"| {r['config']} | {r['psnr_mean']:.2f} | {r['psnr_min']:.2f} "
@@ -223,13 +296,11 @@ def summary_line(result: dict) -> str:
             f"acc_n2s1_w1={row['accuracy']:.3f}")
 
 
-def model_digest() -> str:
-    """sha256 (first 16 hex) of the tiny UNet weights: ties the numbers to one trained model."""
+def model_digest(model: Model = MODELS["tiny"]) -> str:
+    """sha256 (first 16 hex) of the denoiser weights: ties the numbers to one trained model."""
     import hashlib
 
-    from asyncdiff.tiny import MODEL_DIR
-
-    data = (Path(MODEL_DIR) / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    data = (model.folder() / model.weights).read_bytes()
     return hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -261,8 +332,9 @@ def plot(result: dict, path: Path) -> None:
     s = result["settings"]
     ax.set_xlabel("ideal speedup  T / (warm-up + rounds/N)")
     ax.set_ylabel("PSNR vs sequential (dB, mean)")
-    ax.set_title(f"AsyncDiff fidelity, tiny digits model ({s['pairs']} pairs, "
-                 f"{s['steps']} DDIM steps, guidance {s['guidance']})", fontsize=9)
+    ax.set_title(f"AsyncDiff fidelity, {s.get('model', 'tiny')} digits model ({s['pairs']} "
+                 f"pairs, {s['steps']} {s['scheduler']} steps, guidance {s['guidance']})",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,10 +346,12 @@ def plot(result: dict, path: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity",
                                 description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                   help="tiny: the UNet (DDIM); tiny-sd3: the MMDiT (flow-matching Euler)")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_PAIRS} pairs and configs {[label(*c) for c in QUICK_CONFIGS]}")
     p.add_argument("--pairs", type=int, default=None, help="prompt/seed pairs (default 200)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps T")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps T")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt/seed pair set")
     p.add_argument("--configs", default=None,
@@ -287,35 +361,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     # jobs and ran ~10x slower than one in our measurements.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None,
-                   help="default benchmarks/results/fidelity.json (fidelity_quick.json with --quick)")
+                   help="default benchmarks/results/fidelity.json, fidelity_dit.json for "
+                        "tiny-sd3 (*_quick.json with --quick)")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (none when omitted)")
     p.add_argument("--report", type=Path, default=None,
                    help="no sampling: print the markdown table (and --plot) of a saved JSON")
     a = p.parse_args(argv)
     a.pairs = a.pairs or (QUICK_PAIRS if a.quick else 200)
+    model = MODELS[a.model]
     a.configs = ([tuple(int(v) for v in c.split(":")) for c in a.configs.split(",")]
-                 if a.configs else QUICK_CONFIGS if a.quick else FULL_CONFIGS)
+                 if a.configs else QUICK_CONFIGS if a.quick else list(model.configs))
     if (2, 1, 1) not in a.configs:
         p.error("configs must include 2:1:1 (the summary line reports N2S1-w1)")
-    a.json = a.json or Path("benchmarks/results/" + ("fidelity_quick.json" if a.quick else "fidelity.json"))
+    full = Path(model.json)
+    a.json = a.json or (full.with_name(full.stem + "_quick.json") if a.quick else full)
     return a
 
 
 def run(args, log=log_line) -> dict:
-    """Load the tiny model, sweep, and return the full result dict (no files written)."""
-    from asyncdiff.tiny import load_pipeline
-
+    """Load the model, sweep, and return the full result dict (no files written)."""
     torch.set_num_threads(args.threads)
-    sd, digest = load_pipeline(), model_digest()
+    model = MODELS[args.model]
+    sd, digest = model.load(), model_digest(model)
     pairs = make_pairs(args.pairs, args.seed)
     t0 = time.perf_counter()
     result = evaluate(sd, pairs, args.configs, args.steps, args.guidance_scale, args.batch, log)
     result.update({
         "command": "python -m benchmarks.fidelity " + " ".join(args.argv),
         "machine": machine_info(),
-        "model_unet_sha256_16": digest,
-        "settings": {"pairs": len(pairs), "pair_seed": args.seed, "steps": args.steps,
-                     "guidance": args.guidance_scale, "scheduler": "ddim", "batch": args.batch,
+        ("model_unet_sha256_16" if model.name == "tiny" else "model_denoiser_sha256_16"): digest,
+        "settings": {"model": model.name, "pairs": len(pairs), "pair_seed": args.seed,
+                     "steps": args.steps, "guidance": args.guidance_scale,
+                     "scheduler": model.scheduler, "batch": args.batch,
                      "psnr_cap_db": PSNR_CAP_DB, "ssim_window": SSIM_WINDOW,
                      "ssim_sigma": SSIM_SIGMA, "quick": args.quick},
         "pairs": [p.__dict__ for p in pairs],

@@ -27,6 +27,16 @@ Both include waiting for the other device (warm-up, imbalance), not only messagi
 
 Ends with one line: ``speedup_n2s1_local=<x> speedup_n2s1_triton=<y> ideal=<z>``.
 
+``--model`` picks the in-process denoiser: a UNet or DiT folder, a built-in UNet, or a built-in
+DiT (``sd3-bench``: SD3's structure, ~0.3 s per call at latent 32).  A built-in DiT is written
+once as a folder (random weights, SD3's flow-matching scheduler) and run by the same runner,
+with the same conditioning roles (``asyncdiff.runners.job.make_conditioning``: text states,
+pooled projections, ...).  The Triton part exports the UNet benchmark pipeline only, so it is
+skipped for a DiT; ``--with-unet`` runs the UNet's in-process part too, in the same run, so the
+DiT's speedups are reported beside the UNet's.  ``--check``: each variant's latents are
+compared with the in-process LocalRunner on the same plan, and the sequential run with the
+whole denoiser called step by step (no components), as diffusers' pipelines call it.
+
 ``--sdxl`` (separate, not part of the default run): the paper's SDXL configurations
 (N 2-4, S 1-2, warm-up 1 for S=1 and 9 for S=2, T=50) on the built-in ``sdxl-full``
 architecture (random weights).  Each stage of the UNet is timed once on this machine
@@ -48,7 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +82,8 @@ class Settings:
     triton_n2s2: bool = True
     workdir: str | None = None  # keep/reuse the benchmark pipeline here (default: a temp dir)
     validate: bool = True  # parity-check the exports (quick skips it: the export tests do it)
+    check: bool = False  # compare each variant's latents with LocalRunner and the plain loop
+    with_unet: bool = False  # also run the benchmark UNet in-process (beside a DiT)
 
 
 QUICK = dict(steps=7, validate=False)
@@ -132,9 +144,67 @@ def _read(path: str) -> str:
 def run_configs(s: Settings) -> dict:
     from asyncdiff.runners.distributed import RunConfig
 
+    scheduler = model_scheduler(s.model)
     return {name: RunConfig(model=s.model, components=n, stride=st, batched_stride=b,
-                            warmup=s.warmup, steps=s.steps, latent=s.latent)
+                            warmup=s.warmup, steps=s.steps, latent=s.latent, scheduler=scheduler)
             for name, (n, st, b) in VARIANTS.items()}
+
+
+def model_scheduler(model: str) -> str:
+    """``flowmatch-euler`` for a model whose scheduler is flow matching (SD3), else DDIM."""
+    from asyncdiff.contract import FLOW_MATCH_EULER
+    from asyncdiff.generation import is_flow_matching
+    from asyncdiff.runners.job import scheduler_config
+
+    return FLOW_MATCH_EULER if is_flow_matching(scheduler_config(model)) else "ddim"
+
+
+def is_dit(model: str) -> bool:
+    from asyncdiff.configs import denoiser_kind, load_denoiser
+
+    return denoiser_kind(load_denoiser(model, device="meta").config) != "unet"
+
+
+# SD3's scheduler (FlowMatchEulerDiscreteScheduler as stable-diffusion-3-medium configures it).
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def dit_folder(name: str, out: Path, seed: int = 0) -> Path:
+    """A built-in DiT written as a pipeline folder (``transformer/``, ``scheduler/``) that every
+    rank loads: seeded random weights and SD3's flow-matching scheduler.  Reused when already
+    written for this config and seed."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from asyncdiff.configs import DIT_CONFIGS, denoiser_kind, load_denoiser
+
+    if denoiser_kind(DIT_CONFIGS[name]) != "sd3":
+        raise ValueError(f"--model {name}: the runner's seeded conditioning takes [B, C, h, w] "
+                         "latents (asyncdiff.runners.job.make_conditioning); FLUX's packed "
+                         "latents do not run in-process yet")
+    out = Path(out)
+    stamp = out / "bench_config.json"
+    wanted = json.dumps({"transformer": DIT_CONFIGS[name], "seed": seed}, sort_keys=True)
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return out
+    load_denoiser(name, seed=seed).save_pretrained(out / "transformer")
+    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(out / "scheduler")
+    stamp.write_text(wanted)  # last: a half-written folder is rewritten
+    return out
+
+
+def local_model(model: str | None, workdir: Path) -> str:
+    """What the runner loads: the benchmark pipeline by default, a built-in DiT as a folder."""
+    from asyncdiff.configs import DIT_CONFIGS
+
+    if model is None:
+        from benchmarks import bench_pipeline as bp
+
+        return str(bp.build(workdir / "pipeline"))
+    if model in DIT_CONFIGS:
+        return str(dit_folder(model, workdir / model))
+    return model
 
 
 def _state_bytes(runner) -> int:
@@ -142,7 +212,8 @@ def _state_bytes(runner) -> int:
     return sum(v.numel() * v.element_size() for c in comps for v in c.state_dict().values())
 
 
-def _local_worker(rank: int, world: int, port: int, cfgs: dict, reps: int, out_q) -> None:
+def _local_worker(rank: int, world: int, port: int, cfgs: dict, reps: int, out_q,
+                  check: bool = False) -> None:
     import torch.distributed as dist
 
     from asyncdiff.runners import distributed as D
@@ -162,6 +233,8 @@ def _local_worker(rank: int, world: int, port: int, cfgs: dict, reps: int, out_q
                 res = D.run_generation(cfgs[k], runners[k])
                 if rank == res["owner"]:
                     out_q.put(("run", r, k, res["ranks"]))
+                    if check and r == 0:  # numpy: pickled whole, whenever this process ends
+                        out_q.put(("latents", k, res["latents"].numpy()))
                     log(f"local: rep {r} {k} wall {max(x['wall_s'] for x in res['ranks']):.2f} s")
     finally:
         dist.destroy_process_group()
@@ -180,12 +253,13 @@ def run_local(s: Settings, timeout_s: float = 3600.0) -> dict:
     log(f"local: partitions ready, starting {world} ranks")
     ctx = mp.get_context("fork")
     out_q, port = ctx.Queue(), D.free_port()
-    procs = [ctx.Process(target=_local_worker, args=(r, world, port, cfgs, s.reps, out_q))
+    procs = [ctx.Process(target=_local_worker, args=(r, world, port, cfgs, s.reps, out_q, s.check))
              for r in range(world)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    msgs = D.collect(out_q, procs, world + s.reps * len(cfgs), timeout_s)
+    count = world + s.reps * len(cfgs) + (len(cfgs) if s.check else 0)
+    msgs = D.collect(out_q, procs, count, timeout_s)
     return _local_report(s, cfgs, parts, msgs, time.perf_counter() - t0)
 
 
@@ -218,7 +292,55 @@ def _local_report(s: Settings, cfgs: dict, parts: dict, msgs: list, seconds: flo
     _add_speedups(out["variants"], "wall_s")
     seq = out["variants"]["seq"]
     seq["call_s"] = seq["wall_s"] / s.steps  # N=1: one UNet call per step (+ scheduler)
+    for _, k, latents in (m for m in msgs if m[0] == "latents"):
+        out["variants"][k]["check"] = check_latents(cfgs[k], torch.from_numpy(latents))
     return out
+
+
+def check_latents(cfg, latents: torch.Tensor) -> dict:
+    """The distributed run against LocalRunner on the same plan (``runners.job.check``); the
+    sequential one also against the plain denoiser loop."""
+    from asyncdiff.runners.distributed import check
+
+    out = check(cfg, latents)
+    if cfg.components == 1:
+        out["max_abs_err_vs_plain_loop"] = float((latents - plain_loop_latents(cfg)).abs().max())
+    return out
+
+
+@torch.no_grad()
+def plain_loop_latents(cfg) -> torch.Tensor:
+    """``cfg``'s generation as diffusers' pipelines run it: the whole denoiser each step (no
+    stages, components or plan) on the same seeded latents, conditioning and scheduler."""
+    from asyncdiff.configs import denoiser_kind, load_denoiser
+    from asyncdiff.generation import guide, initial_latents, latent_input, make_scheduler
+    from asyncdiff.runners.job import get_partition, make_conditioning, scheduler_config
+
+    model = load_denoiser(cfg.model, seed=cfg.weights_seed)
+    partition = get_partition(cfg, model)
+    cond = make_conditioning(cfg, partition)
+    scheduler = make_scheduler(cfg.scheduler, scheduler_config(cfg.model))
+    scheduler.set_timesteps(cfg.steps)
+    shape = (1, *latent_input(partition).shape[1:])
+    x = initial_latents(cfg.seed, shape, getattr(scheduler, "init_noise_sigma", 1.0))
+    kind = denoiser_kind(model.config)
+    for t in scheduler.timesteps:
+        inp = torch.cat([x] * 2)
+        if hasattr(scheduler, "scale_model_input"):  # flow matching takes x as it is
+            inp = scheduler.scale_model_input(inp, t)
+        eps = _denoise(model, kind, inp, t.expand(inp.shape[0]), cond)
+        x = scheduler.step(guide(eps, cfg.guidance_scale), t, x).prev_sample
+    return x
+
+
+def _denoise(model, kind: str, sample, t, cond: dict) -> torch.Tensor:
+    text = cond["encoder_hidden_states"]
+    if kind == "unet":
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        return model(sample, t, encoder_hidden_states=text, added_cond_kwargs=added or None).sample
+    kw = {k: cond[k] for k in ("pooled_projections", "guidance") if k in cond}
+    kw.update({k: cond[k][0] for k in ("img_ids", "txt_ids") if k in cond})  # FLUX: 2-D ids
+    return model(sample, encoder_hidden_states=text, timestep=t, **kw).sample
 
 
 def _add_speedups(variants: dict, key: str) -> None:
@@ -339,6 +461,40 @@ def _triton_report(s, deps, exports, export_s, serve_s, runs, workdir, seconds) 
 
 
 # -- report -------------------------------------------------------------------------
+
+TRITON_SKIPPED_FOR_DITS = ("the Triton part exports the UNet benchmark pipeline "
+                           "(benchmarks.bench_pipeline); a DiT runs in-process only")
+
+
+def side_by_side(dit: dict, unet: dict) -> dict:
+    """Per variant: each model's median wall time and speedup, the speedup of the best
+    repetitions (least disturbed by other jobs on a shared machine) and the ideals."""
+    best = lambda rep, k: min(r["wall_s"] for r in rep["variants"][k]["runs"])  # noqa: E731
+    rows = {}
+    for k in VARIANTS:
+        rows[k] = {name: {"wall_s": rep["variants"][k]["wall_s"], "speedup": rep["variants"][k]["speedup"],
+                          "speedup_best_reps": best(rep, "seq") / best(rep, k),
+                          "ideal_perfect": rep["variants"][k]["ideal"]["perfect"],
+                          "ideal_partition": rep["variants"][k]["ideal"]["partition"]}
+                   for name, rep in (("dit", dit), ("unet", unet))}
+    calls = {name: rep["variants"]["seq"]["call_s"] for name, rep in (("dit", dit), ("unet", unet))}
+    return {"dit_model": dit["model"], "unet_model": unet["model"], "call_s": calls, "variants": rows}
+
+
+def side_by_side_table(res: dict) -> str:
+    lines = ["| variant | DiT s | DiT speedup (best reps) | UNet s | UNet speedup (best reps) "
+             "| ideal (perfect) | ideal (partition) DiT / UNet |", "|---|---|---|---|---|---|---|"]
+    for k, row in res["variants"].items():
+        d, u = row["dit"], row["unet"]
+        lines.append(f"| {LABELS[k]} | {d['wall_s']:.2f} | {d['speedup']:.2f} "
+                     f"({d['speedup_best_reps']:.2f}) | {u['wall_s']:.2f} | {u['speedup']:.2f} "
+                     f"({u['speedup_best_reps']:.2f}) | {d['ideal_perfect']:.2f} | "
+                     f"{d['ideal_partition']:.2f} / {u['ideal_partition']:.2f} |")
+    c = res["call_s"]
+    lines.append(f"one sequential step (a call + the scheduler): DiT {c['dit'] * 1e3:.0f} ms, "
+                 f"UNet {c['unet'] * 1e3:.0f} ms")
+    return "\n".join(lines)
+
 
 def table(local: dict | None, triton: dict | None) -> str:
     lines = [f"{'variant':18s} {'local s':>8s} {'x':>5s} {'Triton s':>9s} {'x':>5s} "
@@ -554,13 +710,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"fewer steps ({QUICK}); <= 10 min on 2 cores")
     p.add_argument("--json", type=Path, help="write every timing and the machine info here")
-    p.add_argument("--model", help="in-process UNet (default: the benchmark pipeline's)")
+    p.add_argument("--model", help="in-process denoiser: a folder, a built-in UNet or DiT (e.g. "
+                   "sd3-bench); default: the benchmark pipeline's UNet")
     p.add_argument("--latent", type=int, help="in-process latent side (default 32)")
     p.add_argument("--steps", type=int)
     p.add_argument("--reps", type=int)
     p.add_argument("--no-local", action="store_true", help="skip the in-process part")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton part")
     p.add_argument("--no-triton-n2s2", action="store_true", help="Triton: N=1 and N2S1 only")
+    p.add_argument("--with-unet", action="store_true", help="with a DiT --model: also run the "
+                   "benchmark UNet in-process, and report both side by side")
+    p.add_argument("--check", action="store_true", help="compare each variant's latents with "
+                   "LocalRunner, and the sequential run's with the plain denoiser loop")
+    p.add_argument("--note", help="a remark kept in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--workdir", help="keep the benchmark pipeline and exports here")
     p.add_argument("--from-json", type=Path, help="measure nothing: report/plot this saved JSON")
     p.add_argument("--plot", type=Path, help="write the speedup bar chart (PNG) here")
@@ -574,6 +736,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         if getattr(a, key) is not None:
             setattr(s, key, getattr(a, key))
     s.triton, s.triton_n2s2 = not a.no_triton, not a.no_triton_n2s2
+    s.check, s.with_unet = a.check, a.with_unet
     return s, a
 
 
@@ -586,20 +749,28 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_json:
         return _from_json(a)
     report = {"command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
-              "settings": asdict(s), "machine": machine_info()}
+              "settings": asdict(s), "machine": machine_info(), "note": a.note}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="asyncdiff-speed-") as tmp:
         workdir = Path(s.workdir or tmp)
-        if s.model is None:
-            from benchmarks import bench_pipeline as bp
-
-            s.model = str(bp.build(workdir / "pipeline"))
+        s.model = local_model(s.model, workdir)
+        dit = is_dit(s.model)
+        if dit and s.triton:
+            s.triton = False
+            report["triton_skipped"] = TRITON_SKIPPED_FOR_DITS
         local = run_local(s) if not a.no_local else None
+        unet = None
+        if dit and s.with_unet and not a.no_local:  # the same settings, right after
+            unet = run_local(replace(s, model=local_model(None, workdir)))
         triton = run_triton(s, workdir) if s.triton else None
-    report.update(local=local, triton=triton, seconds=time.perf_counter() - t0)
+    report.update(local=local, unet_local=unet, triton=triton, seconds=time.perf_counter() - t0)
     report["machine"]["loadavg_end"] = os.getloadavg()
+    if unet:
+        report["side_by_side"] = side_by_side(local, unet)
     print(table(local, triton))
     print(weights_table(local, triton))
+    if unet:
+        print(f"\nbeside the benchmark UNet, same run:\n{side_by_side_table(report['side_by_side'])}")
     line = final_line(local, triton)
     report["final_line"] = line
     if a.json:
@@ -616,6 +787,8 @@ def _from_json(a) -> int:
 
     report = json.loads(a.from_json.read_text())
     print(table(report.get("local"), report.get("triton")))
+    if report.get("unet_local"):
+        print(side_by_side_table(side_by_side(report["local"], report["unet_local"])))
     _extras(report, a)
     print(report["final_line"])
     return 0

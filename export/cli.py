@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from asyncdiff.conditioning import (
-    PENULTIMATE, POOLED, SD, SDXL, check_added_embedding, conditioning_kind,
+    FLUX, FLUX_T5_TOKENS, LAST_HIDDEN, PENULTIMATE, POOLED, SD, SD3, SDXL, T5_TOKENS, TEXT_STATES,
+    check_added_embedding, conditioning_kind, denoiser_conditioning,
 )
 from asyncdiff.contract import (
-    INPUTS, SCHEDULERS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, NetworkNames, PipelineParams,
-    Request, add_request_arguments,
+    INPUTS, SCHEDULERS, TEXT_ENCODER, TEXT_ENCODER_3, VAE_DECODER, VAE_ENCODER, NetworkNames,
+    PipelineParams, Request, add_request_arguments,
 )
 from asyncdiff.contract import MAX_SIDE, SIZE_MULTIPLE, format_size, parse_size
 from asyncdiff.stages import check_sample_size
@@ -90,8 +91,8 @@ class ExportOptions:
 @dataclass
 class Source:
     """What was loaded: always the denoiser (a UNet, or an SD3/FLUX transformer, kept in
-    ``unet``); the rest only from a diffusers pipeline folder with a UNet. A DiT's text
-    encoders and VAE are not loaded: no pipeline model is exported for a DiT yet."""
+    ``unet``); the rest only from a diffusers pipeline folder (FLUX: ``text_encoder`` is CLIP,
+    pooled output only, and ``text_encoder_2`` is T5, as the folder names them)."""
 
     name: str
     unet: torch.nn.Module
@@ -100,13 +101,16 @@ class Source:
     vae: torch.nn.Module | None = None
     scheduler_config: Path | None = None
     tokenizer_dir: Path | None = None
-    # SDXL: the second text encoder (with projection) and its tokenizer
+    # SDXL, SD3: the second text encoder (with projection) and its tokenizer; FLUX: T5
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2_dir: Path | None = None
     force_zeros_for_empty_prompt: bool = False
     scheduler_class: str | None = None  # the folder's scheduler _class_name
     safety_checker: bool = False  # the folder has one (it is not served)
     pipeline_class: str | None = None  # a DiT pipeline folder's model_index _class_name
+    # SD3: T5 (text_encoder_3) and its tokenizer, when the folder has them
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3_dir: Path | None = None
 
     @property
     def full_pipeline(self) -> bool:
@@ -139,19 +143,19 @@ def load_source(model: str) -> Source:
     unet = load_unet(src, device="cpu")
     source = Source(model, unet, src.vae_scale)
     folder = Path(src.name)  # resolve() maps "tiny" to its folder
-    if source.denoiser != "unet":  # a DiT: its components only, for now
-        index = folder / "model_index.json"
-        if src.unet_dir == folder / "transformer" and index.is_file():
-            source.pipeline_class = json.loads(index.read_text()).get("_class_name")
-        return source
-    if src.unet_dir is None or src.unet_dir != folder / "unet" \
-            or not (folder / "model_index.json").exists():
-        return source  # a built-in or a UNet folder (even inside a pipeline): components only
+    index = folder / "model_index.json"
+    dit = source.denoiser != "unet"
+    if src.unet_dir is None or src.unet_dir != folder / ("transformer" if dit else "unet") \
+            or not index.is_file():
+        return source  # a built-in or a denoiser folder (even inside a pipeline): components only
+    if dit:
+        source.pipeline_class = json.loads(index.read_text()).get("_class_name")
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if (folder / "text_encoder").is_dir():
-        source.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    if (folder / "text_encoder").is_dir():  # SD3's CLIP-L has a projection (pooled output)
+        cls = CLIPTextModelWithProjection if source.denoiser == "sd3" else CLIPTextModel
+        source.text_encoder = cls.from_pretrained(folder / "text_encoder").eval()
     if (folder / "vae").is_dir():
         source.vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     if (folder / "scheduler" / "scheduler_config.json").is_file():
@@ -159,18 +163,24 @@ def load_source(model: str) -> Source:
     if (folder / "tokenizer").is_dir():
         source.tokenizer_dir = folder / "tokenizer"
     _load_sdxl_parts(source, folder)
+    if dit and (folder / "text_encoder_3").is_dir() and (folder / "tokenizer_3").is_dir():
+        from transformers import T5EncoderModel
+
+        source.text_encoder_3 = T5EncoderModel.from_pretrained(folder / "text_encoder_3").eval()
+        source.tokenizer_3_dir = folder / "tokenizer_3"
     return source
 
 
 def _load_sdxl_parts(source: Source, folder: Path) -> None:
-    """What an SDXL folder adds (text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt),
-    the folder's scheduler class and whether it has a safety checker."""
+    """What an SDXL, SD3 or FLUX folder adds (text_encoder_2, tokenizer_2,
+    force_zeros_for_empty_prompt), the folder's scheduler class and whether it has a safety
+    checker."""
     index = json.loads((folder / "model_index.json").read_text())
     if (folder / "text_encoder_2").is_dir():
-        from transformers import CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-        source.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            folder / "text_encoder_2").eval()
+        cls = T5EncoderModel if source.denoiser == FLUX else CLIPTextModelWithProjection
+        source.text_encoder_2 = cls.from_pretrained(folder / "text_encoder_2").eval()
     if (folder / "tokenizer_2").is_dir():
         source.tokenizer_2_dir = folder / "tokenizer_2"
     source.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", False))
@@ -188,7 +198,7 @@ FOLDER_DEFAULTS = ("scheduler", "guidance_scale")
 SCHEDULER_NAMES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                    "DPMSolverMultistepScheduler": "dpmsolver++",
                    "FlowMatchEulerDiscreteScheduler": "flowmatch-euler"}
-FAMILY_GUIDANCE = {SD: 7.5, SDXL: 5.0}  # diffusers' pipeline defaults
+FAMILY_GUIDANCE = {SD: 7.5, SDXL: 5.0, SD3: 7.0, FLUX: 3.5}  # diffusers' pipeline defaults
 
 
 def folder_defaults(opts: ExportOptions, source: Source, part, notes: list[str]) -> Request:
@@ -230,36 +240,104 @@ def _algorithm(source: Source) -> str | None:
 
 def text_encoder_networks(source: Source, part) -> list[Network]:
     """SD: text_encoder -> last_hidden_state. SDXL: text_encoder -> penultimate hidden states,
-    text_encoder_2 -> penultimate hidden states and the projected pooled ``text_embeds``."""
+    text_encoder_2 -> penultimate hidden states and the projected pooled ``text_embeds``.
+    SD3: both CLIPs -> penultimate hidden states and ``text_embeds``; text_encoder_3 (T5, when
+    the folder has it) -> last_hidden_state at 256 tokens. FLUX: text_encoder (CLIP) -> its
+    pooled output ``text_embeds``; text_encoder_2 (T5) -> last_hidden_state at the
+    transformer's text tokens (512)."""
     kind = conditioning_kind(part)
     if kind == SD:
         return [text_encoder_network(source.text_encoder)]
+    if kind == FLUX:
+        tokens = check_flux_encoders(source, part)
+        return [text_encoder_network(source.text_encoder, pooled_only=True),
+                text_encoder_network(source.text_encoder_2, name="text_encoder_2", tokens=tokens)]
     if source.text_encoder_2 is None or source.tokenizer_2_dir is None:
-        raise ValueError(f"{source.name}: the UNet takes SDXL's text_embeds/time_ids but the "
-                         "folder has no text_encoder_2/ and tokenizer_2/")
-    check_added_embedding(source.unet.config, int(source.text_encoder_2.config.projection_dim))
-    return [text_encoder_network(source.text_encoder, penultimate=True),
-            text_encoder_network(source.text_encoder_2, name="text_encoder_2", penultimate=True)]
+        raise ValueError(f"{source.name}: the {'transformer' if kind == SD3 else 'UNet'} takes "
+                         f"{kind.upper()}'s pooled text embedding but the folder has no "
+                         "text_encoder_2/ and tokenizer_2/")
+    if kind == SD3:
+        check_sd3_encoders(source)
+    else:
+        check_added_embedding(source.unet.config, int(source.text_encoder_2.config.projection_dim))
+    networks = [text_encoder_network(source.text_encoder, penultimate=True),
+                text_encoder_network(source.text_encoder_2, name="text_encoder_2", penultimate=True)]
+    if kind == SD3 and source.text_encoder_3 is not None:
+        networks.append(text_encoder_network(source.text_encoder_3, name=TEXT_ENCODER_3.model,
+                                             tokens=T5_TOKENS))
+    return networks
+
+
+def check_sd3_encoders(source: Source) -> None:
+    """The widths ``StableDiffusion3Pipeline`` relies on: both CLIPs projected, their pooled
+    outputs making pooled_projection_dim, their states no wider than joint_attention_dim
+    (they are zero-padded to it), T5's d_model equal to it."""
+    config = dict(source.unet.config)
+    clips = (source.text_encoder, source.text_encoder_2)
+    for name, enc in zip(("text_encoder", "text_encoder_2"), clips):
+        if not hasattr(enc, "text_projection"):
+            raise ValueError(f"{source.name}: SD3's {name} must be a CLIPTextModelWithProjection "
+                             "(its pooled output is half of pooled_projections)")
+    pooled = sum(int(e.config.projection_dim) for e in clips)
+    width = sum(int(e.config.hidden_size) for e in clips)
+    joint = int(config["joint_attention_dim"])
+    t5 = source.text_encoder_3
+    if pooled != config["pooled_projection_dim"]:
+        raise ValueError(f"{source.name}: the CLIPs' projection_dim add up to {pooled}, the "
+                         f"transformer's pooled_projection_dim is {config['pooled_projection_dim']}")
+    if width > joint:
+        raise ValueError(f"{source.name}: the CLIPs' hidden_size add up to {width}, wider than "
+                         f"the transformer's joint_attention_dim {joint}")
+    if t5 is not None and int(t5.config.d_model) != joint:
+        raise ValueError(f"{source.name}: text_encoder_3's d_model {t5.config.d_model} is not the "
+                         f"transformer's joint_attention_dim {joint}")
+
+
+def check_flux_encoders(source: Source, part) -> int:
+    """The widths ``FluxPipeline`` relies on: CLIP's pooled output is pooled_projection_dim
+    wide, T5's states joint_attention_dim; returns the T5 tokens the components take."""
+    config = dict(source.unet.config)
+    if source.text_encoder_2 is None or source.tokenizer_2_dir is None:
+        raise ValueError(f"{source.name}: FLUX takes T5's states but the folder has no "
+                         "text_encoder_2/ and tokenizer_2/")
+    clip, t5 = int(source.text_encoder.config.hidden_size), int(source.text_encoder_2.config.d_model)
+    if clip != config["pooled_projection_dim"]:
+        raise ValueError(f"{source.name}: text_encoder's hidden_size {clip} (its pooled output) is "
+                         f"not the transformer's pooled_projection_dim "
+                         f"{config['pooled_projection_dim']}")
+    if t5 != config["joint_attention_dim"]:
+        raise ValueError(f"{source.name}: text_encoder_2's d_model {t5} is not the transformer's "
+                         f"joint_attention_dim {config['joint_attention_dim']}")
+    return next(t.shape[1] for t in denoiser_conditioning(part) if t.name == TEXT_STATES)
 
 
 def conditioning_params(source: Source, part) -> dict:
     """The ``PipelineParams`` fields of the conditioning the BLS builds."""
-    if conditioning_kind(part) == SD:
+    kind = conditioning_kind(part)
+    if kind == SD:
         return {}
-    return dict(conditioning=SDXL,
-                text_encoder=NetworkNames(TEXT_ENCODER.model, TEXT_ENCODER.input, PENULTIMATE),
-                text_encoder_2=NetworkNames("text_encoder_2", TEXT_ENCODER.input, PENULTIMATE),
-                text_encoder_2_pooled=POOLED,
+    if kind == FLUX:  # CLIP's pooled output, T5's last hidden state
+        return dict(conditioning=FLUX,
+                    text_encoder=NetworkNames(TEXT_ENCODER.model, TEXT_ENCODER.input, POOLED),
+                    text_encoder_2=NetworkNames("text_encoder_2", TEXT_ENCODER.input, LAST_HIDDEN))
+    clips = dict(text_encoder=NetworkNames(TEXT_ENCODER.model, TEXT_ENCODER.input, PENULTIMATE),
+                 text_encoder_2=NetworkNames("text_encoder_2", TEXT_ENCODER.input, PENULTIMATE),
+                 text_encoder_2_pooled=POOLED)
+    if kind == SD3:
+        return dict(conditioning=SD3, **clips, text_encoder_pooled=POOLED,
+                    t5=source.text_encoder_3 is not None)
+    return dict(conditioning=SDXL, **clips,
                 force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt)
 
 
-def tokenizer_2_files(source: Source, params: PipelineParams) -> dict[str, Path]:
-    """SDXL: the second tokenizer's files, beside the first in the pipeline's version folder."""
-    if params.conditioning != SDXL:
-        return {}
-    root = Path(source.tokenizer_2_dir)
-    return {f"{params.tokenizer_2_dir}/{p.relative_to(root)}": p
-            for p in sorted(root.rglob("*")) if p.is_file()}
+def more_tokenizer_files(source: Source, params: PipelineParams) -> dict[str, Path]:
+    """SDXL, SD3 and FLUX: the second tokenizer's files (FLUX: T5's; SD3 with T5: the third's
+    too), beside the first in the pipeline's version folder."""
+    folders = {params.tokenizer_2_dir: source.tokenizer_2_dir} if params.conditioning != SD else {}
+    if params.t5:
+        folders[params.tokenizer_3_dir] = source.tokenizer_3_dir
+    return {f"{name}/{p.relative_to(root)}": p for name, root in folders.items()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def latent_size(opts: ExportOptions, source: Source) -> tuple[int, int]:
@@ -297,6 +375,9 @@ def export_sizes(opts: ExportOptions, source: Source) -> list[tuple[int, int]]:
     if len(set(opts.resolutions)) != len(opts.resolutions):
         raise ValueError(f"--resolutions lists a size twice: "
                          f"{','.join(format_size(*r) for r in opts.resolutions)}")
+    if source.denoiser == FLUX and len(opts.resolutions) > 1:
+        raise ValueError("--resolutions: a FLUX repository serves one size (its packed token "
+                         "streams have a fixed length); export one repository per size")
     multiple = size_multiple(source)
     for width, height in opts.resolutions:
         if min(width, height) < multiple or width % multiple or height % multiple \
@@ -357,16 +438,18 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
     components = build_components(graph, part)
     networks = [component_network(c, sampler) for c in components]
     notes: list[str] = [f.note() for f in fused_loras]
+    if source.denoiser != "unet":
+        notes += dit_notes(opts, source)
     if source.full_pipeline:
         opts = dataclasses.replace(opts, defaults=folder_defaults(opts, source, part, notes))
+        check_default_scheduler(opts.defaults, source)
         px = 2 ** (len(source.vae.config.block_out_channels) - 1)  # pixels per latent cell
-        # The encoder first: the decoder's "image" dtype is the one served_dtypes keeps.
+        # img2img (a UNet's only): the encoder first, so the decoder's "image" dtype is the
+        # one served_dtypes keeps.
         networks += [*text_encoder_networks(source, part),
-                     vae_encoder_network(source.vae, h * px, w * px),
+                     *([vae_encoder_network(source.vae, h * px, w * px)] if img2img(source) else []),
                      vae_decoder_network(source.vae, h, w)]
-    elif source.denoiser != "unet":
-        notes += dit_notes(opts, source)
-    else:
+    elif source.denoiser == "unet":
         notes.append(f"{opts.model!r} is not a diffusers pipeline folder: only the UNet components "
                      "are exported (no text_encoder, vae_decoder or asyncdiff pipeline model)")
     artifacts = _export_all(opts, out, networks, part, dict(source.unet.config), sizes)
@@ -381,15 +464,62 @@ def _export_into(opts: ExportOptions, out: Path, place: Placement, start: float)
                         source.denoiser)
 
 
+def img2img(source: Source) -> bool:
+    """Whether the VAE encoder is served (INIT_IMAGE): UNet pipelines only; SD3's img2img
+    (flow matching noises with ``scale_noise``) is not served."""
+    return source.denoiser == "unet"
+
+
+def check_default_scheduler(defaults: Request, source: Source) -> None:
+    """The served default SCHEDULER must fit the folder's scheduler (flowmatch-euler for SD3
+    and FLUX, the others for a UNet); a flow-matching config with dynamic shifting is served
+    for FLUX only."""
+    from asyncdiff.generation import check_scheduler_fits
+
+    config = json.loads(Path(source.scheduler_config).read_text())
+    try:  # FLUX passes mu (the dynamic shift) to the scheduler
+        check_scheduler_fits(defaults.scheduler, config, dynamic_shift=source.denoiser == FLUX)
+    except (ValueError, NotImplementedError) as e:
+        raise ValueError(f"pipeline default: {e}") from None
+
+
 def dit_notes(opts: ExportOptions, source: Source) -> list[str]:
-    """What a DiT repository holds, and lacks: its components only, for now."""
+    """What a DiT repository holds, and lacks: an SD3 or FLUX pipeline folder is served whole
+    (text-to-image); a transformer without its pipeline, as components only."""
     from asyncdiff.configs import default_batch
 
     what = (f"a {source.pipeline_class} folder" if source.pipeline_class
             else f"{source.denoiser.upper()} transformer {opts.model!r}")
-    notes = [f"{what}: only the {source.denoiser.upper()} transformer's components are exported "
-             "(unet_part_<k>). No pipeline model is exported for a DiT yet: no text encoders, no "
-             "VAE and no asyncdiff BLS, so this repository serves the components alone"]
+    not_served = ("prompts over a tokenizer's limit are refused, not truncated; one served "
+                  "size per FLUX repository (its token streams do not rescale)"
+                  if source.denoiser == FLUX else
+                  "prompts over a tokenizer's limit are refused, not truncated")
+    if source.full_pipeline and source.denoiser == FLUX:
+        guidance = ("GUIDANCE_SCALE goes to the transformer's guidance embedding (dev)"
+                    if source.unet.config.get("guidance_embeds") else
+                    "no guidance embedding (schnell-like: GUIDANCE_SCALE is ignored, as diffusers "
+                    "does)")
+        notes = [f"{what}: served text-to-image through the asyncdiff BLS: the FLUX transformer's "
+                 "components (one row per image, packed 2x2 latents, dynamic shift from the "
+                 f"image size), text_encoder (CLIP: pooled output), text_encoder_2 (T5, "
+                 f"{FLUX_T5_TOKENS} tokens), vae_decoder (latents / "
+                 f"scaling_factor + shift_factor); {guidance}; SCHEDULER flowmatch-euler only. "
+                 "Not served: FLUX img2img (no vae_encoder, no INIT_IMAGE), true CFG "
+                 "(NEGATIVE_PROMPT is refused), a separate T5 prompt (prompt_2); " + not_served]
+    elif source.full_pipeline:
+        t5 = ("text_encoder_3 (T5, 256 tokens)" if source.text_encoder_3 is not None
+              else "no T5 (the folder has none: its slot is zeros, as diffusers fills it)")
+        notes = [f"{what}: served text-to-image through the asyncdiff BLS: the SD3 transformer's "
+                 f"components, text_encoder / text_encoder_2 (CLIP-L/G: penultimate states + "
+                 f"pooled), {t5}, vae_decoder (latents / scaling_factor + shift_factor); "
+                 "SCHEDULER flowmatch-euler only. Not served: SD3 img2img (no vae_encoder, no "
+                 "INIT_IMAGE), skip-layer guidance, a separate prompt per encoder; " + not_served]
+    else:
+        notes = [f"{what}: only the {source.denoiser.upper()} transformer's components are "
+                 "exported (unet_part_<k>): no text encoders, no VAE and no asyncdiff BLS, so "
+                 "this repository serves the components alone (a pipeline model is served for "
+                 "an SD3 or FLUX pipeline folder with its text encoders, tokenizers, VAE and "
+                 "scheduler)"]
     if default_batch(source.unet.config) == 1 and opts.batch != 1:
         notes.append("guidance_embeds: this transformer embeds the guidance scale, so one prompt "
                      f"is batch 1 (no CFG pair); exported and checked at --batch {opts.batch} "
@@ -522,19 +652,23 @@ def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
                     artifacts: list[Artifact], place: Placement) -> None:
     resolutions = tuple(export_sizes(opts, source))
     width, height = resolutions[0]
+    # [C, h, w] of one latent: FLUX's components take it packed (2x2 patches per token)
+    channels = (int(source.vae.config.latent_channels) if source.denoiser == FLUX
+                else source.unet.config.in_channels)
     params = PipelineParams(
         component_models=tuple(c.name for c in part.components),
-        latent_shape=(source.unet.config.in_channels, h, w), image_shape=(height, width, 3),
+        latent_shape=(channels, h, w), image_shape=(height, width, 3),
         vae_scaling_factor=float(source.vae.config.scaling_factor), defaults=opts.defaults,
         component_timeout_s=opts.component_timeout_s, device=place.device(place.pipeline_rank),
         dtypes=served_dtypes(part, artifacts), gpus=place.gpus,
         max_batch_requests=opts.max_batch_requests, max_queue_size=opts.max_queue_size,
         max_batch_sizes={a.name: _max_batch_of(opts, a.name) for a in artifacts},
         resolutions=resolutions)
-    params = dataclasses.replace(params, **conditioning_params(source, part), img2img=True,
-                                 vae_encoder=VAE_ENCODER)
+    params = dataclasses.replace(params, **conditioning_params(source, part),
+                                 img2img=img2img(source), vae_encoder=VAE_ENCODER,
+                                 vae_shift_factor=float(source.vae.config.shift_factor or 0.0))
     files = repo_mod.pipeline_files(part, params, source.scheduler_config, source.tokenizer_dir)
-    files.update(tokenizer_2_files(source, params))
+    files.update(more_tokenizer_files(source, params))
     repo_mod.write_pipeline(out, params, files)
 
 

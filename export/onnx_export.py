@@ -459,6 +459,17 @@ class _PenultimateTextEncoder(nn.Module):
         return out.hidden_states[-2]
 
 
+class _PooledTextEncoder(nn.Module):
+    """FLUX's CLIP: only the (unprojected) pooled output, ``pooler_output``."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, output_hidden_states=False).pooler_output
+
+
 class _VaeDecoder(nn.Module):
     """``vae.decode(z).sample`` only: the 1/scaling_factor step stays in the pipeline (BLS),
     so this graph is the plain decoder and the factor is a visible config parameter."""
@@ -472,19 +483,25 @@ class _VaeDecoder(nn.Module):
 
 
 def text_encoder_network(encoder: nn.Module, seed: int = 0, *, name: str = "text_encoder",
-                         penultimate: bool = False) -> Network:
-    """SD: ``input_ids`` -> ``last_hidden_state``. ``penultimate`` (SDXL):
-    ``input_ids`` -> ``penultimate_hidden_state``, plus ``text_embeds`` when the encoder has a
-    projection (text_encoder_2)."""
+                         penultimate: bool = False, tokens: int | None = None,
+                         pooled_only: bool = False) -> Network:
+    """SD (and SD3's T5): ``input_ids`` -> ``last_hidden_state``. ``penultimate`` (SDXL, SD3's
+    CLIPs): ``input_ids`` -> ``penultimate_hidden_state``, plus ``text_embeds`` when the encoder
+    has a projection (text_encoder_2; both of SD3's). ``tokens``: the padded sequence length
+    (default CLIP's max_position_embeddings; T5 has no such limit: SD3 pads it to 256).
+    ``pooled_only`` (FLUX's CLIP): ``input_ids`` -> the pooled output ``text_embeds``."""
     from asyncdiff.conditioning import PENULTIMATE, POOLED
 
     vocab = int(encoder.config.vocab_size)
-    seq_len = int(encoder.config.max_position_embeddings)  # 77 for CLIP: the tokenizer pads to it
+    # 77 for CLIP: the tokenizer pads to it
+    seq_len = int(tokens or encoder.config.max_position_embeddings)
 
     def make(batch: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(seed + batch)
         return (torch.randint(0, vocab, (batch, seq_len), generator=g, dtype=torch.int64),)
 
+    if pooled_only:
+        return Network(name, _PooledTextEncoder(encoder).eval(), [TEXT_INPUT], [POOLED], make)
     if not penultimate:
         return Network(name, _TextEncoder(encoder).eval(), [TEXT_INPUT], [TEXT_OUTPUT], make)
     pooled = hasattr(encoder, "text_projection")

@@ -6,9 +6,9 @@ Models (one folder each, ``config.pbtxt`` + version ``1/``):
   own GPU; otherwise the shared ``asyncdiff_component`` Python-based backend
   (onnxruntime or torch). Dynamic batching lets concurrent generations at the
   same step share one call.
-* the text encoder (SDXL: two) and the VAE decoder (names from
-  ``asyncdiff.contract``; the VAE without the 1/scaling_factor step, which
-  the pipeline applies).
+* the text encoder (SDXL: two; SD3: two CLIPs and T5 when the folder has one)
+  and the VAE decoder (names from ``asyncdiff.contract``; the VAE without the
+  1/scaling_factor (+ shift_factor) step, which the pipeline applies).
 * ``asyncdiff_stream``: the pipeline engine (BLS, decoupled: per-step progress,
   then the image; requests in flight together, their component calls batched).
   Its parameters are exactly ``PipelineParams.to_parameters()``; its version
@@ -31,8 +31,8 @@ from pathlib import Path
 
 from asyncdiff.contract import (
     MODEL_NAME, NUMPY_DTYPES, OUTPUTS, PIPELINE_BACKEND, STREAM_MODEL_NAME, STREAM_OUTPUTS,
-    TEXT_ENCODER, TEXT_ENCODER_2, UNARY_BACKEND, VAE_DECODER, VAE_ENCODER, IOField, PipelineParams,
-    model_inputs,
+    TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNARY_BACKEND, VAE_DECODER, VAE_ENCODER, IOField,
+    PipelineParams, model_inputs,
 )
 from asyncdiff.placement import Placement
 from export.onnx_export import IOSpec
@@ -43,7 +43,8 @@ from export.triton_config import (
 )
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-NETWORK_MODELS = (TEXT_ENCODER.model, TEXT_ENCODER_2.model, VAE_ENCODER.model, VAE_DECODER.model)
+NETWORK_MODELS = (TEXT_ENCODER.model, TEXT_ENCODER_2.model, TEXT_ENCODER_3.model, VAE_ENCODER.model,
+                  VAE_DECODER.model)
 
 
 def triton_tensors(specs: Sequence[IOSpec]) -> list[ModelTensor]:

@@ -60,3 +60,32 @@ def tiny_sdxl_folder(tiny_sdxl, tmp_path_factory):
     path = tmp_path_factory.mktemp("sdxl") / "pipe"
     tiny_sdxl.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    """A tiny random-weight FLUX.1-dev-like pipeline (guidance embedding), built offline
+    (tests/tiny_flux.py)."""
+    from tests.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tiny_flux, tmp_path_factory):
+    """``tiny_flux`` saved as a diffusers pipeline folder (what export reads)."""
+    path = tmp_path_factory.mktemp("flux") / "pipe"
+    tiny_flux.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_repo(tiny_flux_folder, tmp_path_factory):
+    """``tiny_flux_folder`` exported whole for N=1 at 32x32 px (onnxruntime, export's parity
+    checks on): tests/export checks its contents, tests/backends serves it."""
+    from export import cli
+
+    out = tmp_path_factory.mktemp("flux-n1")
+    assert cli.main(["--model", str(tiny_flux_folder), "--components", "1", "--out", str(out),
+                     "--no-progress", "--height", "32", "--width", "32"]) == 0
+    return out

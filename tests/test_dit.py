@@ -210,3 +210,26 @@ def test_a_pipeline_folder_with_a_transformer_loads_by_its_class(dits, tmp_path)
     config.write_text(config.read_text().replace("FluxTransformer2DModel", "PixArtTransformer2DModel"))
     with pytest.raises(ValueError, match="_class_name='PixArtTransformer2DModel' is not supported"):
         load_denoiser(source, device="meta")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_cli_prints_each_share_and_the_bytes_per_round(name, tmp_path, capsys):
+    """The partition CLI on the narrowed DiTs (``sd3-medium`` / ``flux-dev`` run the same code on
+    the meta device): each component's cost share and the traffic per round, as the partition
+    it saves has them; only the two token streams cross."""
+    import re
+
+    from asyncdiff.partition import Partition
+
+    path = tmp_path / "partition.json"
+    main(["--model", name, "--components", "3", "--json", str(path)])
+    out = capsys.readouterr().out
+    part = Partition.load(path)
+    shares = [float(x) for x in re.findall(r"GFLOP \(([\d.]+)%\)", out)]
+    assert shares == [round(100 * part.cost_share(k), 1) for k in range(3)]
+    assert sum(shares) == pytest.approx(100, abs=0.2)
+    crossing = [t for c in part.components for t in c.inputs if t.producer is not None]
+    assert {t.role for t in crossing} == {"image_tokens", "text_tokens"}
+    assert part.cross_bytes() == sum(4 * t.numel for t in crossing) > 0
+    mb = float(re.search(r"cross-cut traffic per round ([\d.]+) MB fp32", out).group(1))
+    assert mb == round(part.cross_bytes() / 1e6, 3)

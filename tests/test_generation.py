@@ -183,3 +183,45 @@ def test_non_finite_latents_stop_the_generation(sd):
     with pytest.raises(FloatingPointError, match="not finite after step 2 of 6"):
         gen.run(overflow_at_step_2)
     assert max(calls) == 2  # nothing ran after the bad step
+
+
+def test_packing_is_diffusers_flux_packing():
+    from diffusers import FluxPipeline
+
+    from asyncdiff.generation import pack_latents, unpack_latents
+
+    x = torch.randn(2, 16, 6, 4, generator=torch.Generator().manual_seed(0))
+    packed = pack_latents(x, 2)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 4))
+    assert torch.equal(unpack_latents(packed, 2, 6, 4), x)
+    # diffusers' unpack takes pixels and the VAE scale: 12 x 8 px at scale 2 is 6 x 4 latents
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 12, 8, 2), x)
+
+
+def test_rows_without_guidance_packed_latents_and_sigma_timesteps():
+    """FLUX's Denoising on a weightless FLUX-dev-shaped partition: one row per request, the
+    latents [B, C, h, w] entering packed, sigmas as timesteps, GUIDANCE_SCALE per row."""
+    from asyncdiff.configs import DIT_CONFIGS, denoiser_class
+    from asyncdiff.flux import FLUX_DENOISING, flux_ids
+    from asyncdiff.partition import partition_denoiser
+
+    with torch.device("meta"):
+        model = denoiser_class(DIT_CONFIGS["flux"]).from_config(DIT_CONFIGS["flux"])
+    part = partition_denoiser(model, 2, model="flux", batch=1, height=8, width=8)
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+              "use_dynamic_shifting": True}
+    reqs = [Request("a", seed=1, steps=4, guidance_scale=3.5, scheduler="flowmatch-euler"),
+            Request("b", seed=2, steps=4, guidance_scale=5.0, scheduler="flowmatch-euler")]
+    cond = {"encoder_hidden_states": torch.zeros(2, 512, 32),
+            "pooled_projections": torch.zeros(2, 16), **flux_ids(2, 12, 8)}
+    gen = Generation(part, reqs, cond, config, latent_size=(12, 8), denoising=FLUX_DENOISING)
+    assert gen.rows == 2 and gen.latent_shape == (4, 12, 8) and gen.image_tokens == 24
+    assert gen.latents.shape == (2, 4, 12, 8)
+    first = next(gen.waves(0))[0].inputs  # component 0 at step 0
+    assert first["sample"].shape == (2, 24, 16)
+    assert first["guidance"].tolist() == [3.5, 5.0]
+    assert first["timestep"].tolist() == pytest.approx([gen.timesteps[0].item() / 1000] * 2)
+    assert gen.timesteps[0].item() == 1000.0  # sigmas from 1: linspace(1, 1/T, T), shifted
+    with pytest.raises(ValueError, match=r"2 requests need 2 \(one row per request\)"):
+        Generation(part, reqs, {**cond, "pooled_projections": torch.zeros(4, 16)}, config,
+                   latent_size=(12, 8), denoising=FLUX_DENOISING)

@@ -8,6 +8,12 @@
    denoising steps (the redundancy AsyncDiff exploits), for the trained
    UNet and for the same architecture at random init.
 Prints the numbers and writes benchmarks/results/tiny_model_quality.json.
+
+    python -m asyncdiff.tiny.evaluate --dit [--quick]
+
+measures the tiny SD3 model (asyncdiff/tiny/sd3_model) instead: prompt accuracy of
+``StableDiffusion3Pipeline`` samples (flow-matching Euler), written to
+benchmarks/results/tiny_dit_quality.json.
 """
 
 import argparse
@@ -23,6 +29,7 @@ from .data import load_split
 
 BLOCKS = ("down0", "down1", "down2", "mid", "up0", "up1", "up2")
 RESULT = Path("benchmarks/results/tiny_model_quality.json")
+DIT_RESULT = Path("benchmarks/results/tiny_dit_quality.json")
 
 
 def blocks_of(unet):
@@ -154,19 +161,51 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--batch", type=int, default=30)
-    p.add_argument("--model", type=Path, default=MODEL_DIR)
-    p.add_argument("--out", type=Path, default=RESULT)
+    p.add_argument("--dit", action="store_true",
+                   help="the tiny SD3 model: prompt accuracy only (block cosine is the UNet's)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="pipeline folder (default: the committed UNet or, with --dit, SD3 one)")
+    p.add_argument("--out", type=Path, default=None)
     p.add_argument("--grid", type=Path, default=None,
                    help="also save a one-sample-per-digit PNG here")
     args = p.parse_args(argv)
     args.seeds = 1 if args.quick else 4
     args.cos_templates = 1 if args.quick else 3
+    if args.dit:
+        from .train_dit import SD3_MODEL_DIR
+
+        args.model, args.out = args.model or SD3_MODEL_DIR, args.out or DIT_RESULT
+    args.model, args.out = args.model or MODEL_DIR, args.out or RESULT
     return args
+
+
+def evaluate_dit(args):
+    """Prompt accuracy of the tiny SD3 pipeline's own sampling."""
+    from .train_dit import load_sd3_pipeline
+
+    pipe = load_sd3_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    res = {"quick": args.quick, "scheduler": type(pipe.scheduler).__name__,
+           "steps": args.steps, "guidance_scale": args.guidance_scale,
+           "model_folder_bytes": folder_bytes(args.model),
+           "sequential": prompt_accuracy(pipe, args)}
+    seq = res["sequential"]
+    print(f"tiny SD3 prompt accuracy: {seq['accuracy']:.4f} over {seq['pairs']} prompt/seed "
+          f"pairs ({args.steps} steps, guidance {args.guidance_scale}), "
+          f"{seq['seconds_per_image']:.3f} s/image; folder {res['model_folder_bytes']} bytes")
+    if args.grid:
+        save_grid(pipe, args.grid, args)
+    return res
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(2)
+    if args.dit:
+        res = evaluate_dit(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        return res
     pipe = load_pipeline(path=args.model)
     pipe.set_progress_bar_config(disable=True)
     trained, _ = block_cosine(pipe, pipe.unet, args)

@@ -210,6 +210,16 @@ def tokenizer_source(bpe):
     return write_tokenizer_dir(bpe, tempfile.mkdtemp(prefix="clip_tok_"))
 
 
+def write_bpe_tokenizer(folder, tok_dir):
+    """Replace what save_pretrained wrote in ``folder`` (v5: only tokenizer.json, 3.6 MB)
+    by the three BPE tokenizer files of ``tok_dir`` (1.5 MB)."""
+    folder = Path(folder)
+    shutil.rmtree(folder)
+    folder.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tok_dir) / name, folder / name)
+
+
 def save_pipeline(out, vae, te, tok_dir, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -222,11 +232,7 @@ def save_pipeline(out, vae, te, tok_dir, unet):
     staging = Path(str(out) + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    # v5 writes only tokenizer.json (3.6 MB); the BPE pair is 1.5 MB
-    shutil.rmtree(staging / "tokenizer")
-    (staging / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(tok_dir) / name, staging / "tokenizer" / name)
+    write_bpe_tokenizer(staging / "tokenizer", tok_dir)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
 

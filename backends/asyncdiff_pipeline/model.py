@@ -12,7 +12,14 @@ The conditioning is the partition's (``asyncdiff.conditioning``):
 SD's text states are ``text_encoder``'s output as it is; SDXL's are both
 encoders' penultimate states concatenated, with ``text_encoder_2``'s pooled
 ``text_embeds`` and the ``time_ids`` of the request's size inputs, as diffusers
-builds them.
+builds them. SD3's (``sd3_conditioning``, as in-process): both CLIPs' penultimate
+states padded to T5's width, then ``text_encoder_3``'s states (zeros without T5),
+and both CLIPs' pooled outputs; its latents are plain seeded Gaussians (flow
+matching) and the VAE decodes latents / scaling_factor + shift_factor.
+FLUX's (``flux_conditioning`` and ``flux_ids``, as in-process): one row per image,
+no CFG (``FLUX_DENOISING``: packed latents, sigmas with the dynamic shift of the
+image size, GUIDANCE_SCALE into the guidance embedding), ``text_encoder``'s (CLIP)
+pooled output and ``text_encoder_2``'s (T5) states; NEGATIVE_PROMPT is refused.
 Every model call goes through one ``CallBatcher`` (``asyncdiff.batching``):
 the calls of all requests in flight that reach a model in the same wave go
 out as ONE call on their concatenated rows (continuous batching: a request
@@ -48,21 +55,27 @@ import triton_python_backend_utils as pb_utils
 from asyncdiff import img2img
 from asyncdiff.batching import CallBatcher, ModelCall, Slots
 from asyncdiff.conditioning import (
-    SD, SDXL, TEXT_STATES, cfg_token_ids_each, conditioning_kind, parse_size_inputs,
-    sdxl_conditioning, zero_negative,
+    FLUX, FLUX_PATCH, SD, SD3, SDXL, TEXT_STATES, cfg_token_ids_each, check_no_negative_prompt,
+    conditioning_kind, denoiser_conditioning, flux_conditioning, flux_ids, flux_token_ids,
+    parse_size_inputs, sd3_conditioning, sd3_token_ids, sdxl_conditioning, zero_negative,
 )
 from asyncdiff.contract import (
     BUSY_MESSAGE, CANCELLED_MESSAGE, INIT_IMAGE, PREVIEW_EVERY, SCHEDULERS,
     PipelineParams, Request,
 )
+from asyncdiff.flux import FLUX_DENOISING
 from asyncdiff.generation import (
-    Generation, cfg_batch, check_scheduler_fits, latent_input, max_steps, scheduler_fits,
+    Denoising, Generation, cfg_batch, check_scheduler_fits, latent_input, make_scheduler,
+    max_steps,
 )
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
 from asyncdiff.pipeline import per_image, to_uint8_images
+from asyncdiff.sd3 import vae_latents
 
-HOST_INPUTS = ("timestep",)  # a few bytes: a GPU copy would cost more than it saves
+HOST_INPUTS = ("timestep", "guidance")  # a few bytes: a GPU copy would cost more than it saves
+# Per-row scalars the components declare as [1]: sent as [batch, 1]
+ROW_SCALARS = ("timestep", "guidance")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEAD_STUB = "is not healthy"  # the python backend's error for a model whose stub died
 
@@ -87,26 +100,40 @@ class TritonPythonModel:
         p = self.params
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         self.partition = Partition.load(os.path.join(version_dir, p.partition_file))
-        latent = latent_input(self.partition).shape[1:]
-        if tuple(latent) != tuple(p.latent_shape):
-            raise ValueError(f"latent_shape {list(p.latent_shape)} disagrees with "
-                             f"{p.partition_file} ({latent})")
         with open(os.path.join(version_dir, p.scheduler_config_file)) as f:
             self.scheduler_config = json.load(f)
         self.kind = conditioning_kind(self.partition)
+        self.denoising = FLUX_DENOISING if self.kind == FLUX else Denoising()
+        latent, c, h, w = latent_input(self.partition).shape[1:], *p.latent_shape
+        served = ((h * w // FLUX_PATCH ** 2, c * FLUX_PATCH ** 2) if self.kind == FLUX
+                  else (c, h, w))  # FLUX's components take the latents packed
+        if tuple(latent) != served:
+            raise ValueError(f"latent_shape {list(p.latent_shape)} disagrees with "
+                             f"{p.partition_file} ({latent})")
         if self.kind != p.conditioning:
             raise ValueError(f"pipeline parameter conditioning={p.conditioning!r}, but the "
                              f"components of {p.partition_file} take {self.kind!r} conditioning")
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer, T5TokenizerFast
 
-        # (tokenizer folder, text encoder, its outputs): one each for SD, two for SDXL.
-        encoders = [(p.tokenizer_dir, p.text_encoder, [p.text_encoder.output])]
-        if self.kind == SDXL:
+        # (tokenizer folder, text encoder, its outputs): one each for SD, two for SDXL, two
+        # CLIPs (+ T5) for SD3, CLIP (pooled) and T5 for FLUX.
+        first = [p.text_encoder.output] + ([p.text_encoder_pooled] if self.kind == SD3 else [])
+        encoders = [(p.tokenizer_dir, p.text_encoder, first)]
+        if self.kind in (SDXL, SD3):
             encoders.append((p.tokenizer_2_dir, p.text_encoder_2,
                              [p.text_encoder_2.output, p.text_encoder_2_pooled]))
-        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(version_dir, d))
-                           for d, _, _ in encoders]
+        if self.kind == FLUX:
+            encoders.append((p.tokenizer_2_dir, p.text_encoder_2, [p.text_encoder_2.output]))
+        if self.kind == SD3 and p.t5:
+            encoders.append((p.tokenizer_3_dir, p.text_encoder_3, [p.text_encoder_3.output]))
+        t5_index = 1 if self.kind == FLUX else 2
+        self.tokenizers = [(T5TokenizerFast if i == t5_index else CLIPTokenizer).from_pretrained(
+            os.path.join(version_dir, d)) for i, (d, _, _) in enumerate(encoders)]
         self.encoders = [(net, outs) for _, net, outs in encoders]
+        # SD3 without T5: the zeros fill the text states' width (joint_attention_dim); FLUX:
+        # T5 is padded to the components' text tokens
+        *_, self.text_tokens, self.text_width = next(
+            t.shape for t in denoiser_conditioning(self.partition) if t.name == TEXT_STATES)
         self.device = torch.device(p.device)
         self.dtypes = {name: getattr(torch, dtype) for name, dtype in p.dtypes.items()}
         part = self.partition
@@ -138,8 +165,31 @@ class TritonPythonModel:
         """Pay the first request's one-time costs at load: importing diffusers' schedulers (the
         bulk of a cold first request) and the tokenizers' first call."""
         self.max_steps = {name: max_steps(name, self.scheduler_config) for name in SCHEDULERS
-                          if scheduler_fits(name, self.scheduler_config)}
-        cfg_token_ids_each(self.tokenizers, Request("warm-up"))
+                          if self._scheduler_fits(name)}
+        for name in self.max_steps:  # flow matching's max_steps builds no scheduler
+            make_scheduler(name, self.scheduler_config)
+        self._token_ids(Request("warm-up"))
+
+    def _check_scheduler(self, name):
+        """ValueError unless SCHEDULER ``name`` fits the model; FLUX passes the dynamic shift
+        (mu) that a scheduler with use_dynamic_shifting needs."""
+        check_scheduler_fits(name, self.scheduler_config, dynamic_shift=self.kind == FLUX)
+
+    def _scheduler_fits(self, name):
+        try:
+            self._check_scheduler(name)
+        except (ValueError, NotImplementedError):
+            return False
+        return True
+
+    def _token_ids(self, req):
+        """[negative; prompt] token ids per text encoder (SD3's T5 padded to 256 tokens);
+        FLUX: the prompt's alone, T5's padded to the components' text tokens."""
+        if self.kind == SD3:
+            return sd3_token_ids(self.tokenizers, req)
+        if self.kind == FLUX:
+            return flux_token_ids(self.tokenizers, req, self.text_tokens)
+        return cfg_token_ids_each(self.tokenizers, req)
 
     async def execute(self, requests):
         for request in requests:  # decoupled: answered through each request's response sender
@@ -182,13 +232,15 @@ class TritonPythonModel:
         p = self.params
         try:  # only parsing and validation are the client's to fix
             req = Request.from_inputs(lambda name: _input(request, name), p.defaults)
-            check_scheduler_fits(req.scheduler, self.scheduler_config)
+            self._check_scheduler(req.scheduler)
+            if self.kind == FLUX:
+                check_no_negative_prompt(req)
             _check_steps(req, self.max_steps[req.scheduler])
             width, height = p.request_size(req)
             images = p.request_images(req)
             preview_every = _preview_every(_input(request, PREVIEW_EVERY.name), req.steps)
             init_image = self._init_image(request, req, height, width)
-            ids = cfg_token_ids_each(self.tokenizers, req)
+            ids = self._token_ids(req)
             sizes = self._sizes(request, height, width)
         except ValueError as exc:
             raise Refused(str(exc), pb_utils.TritonError.INVALID_ARG) from None
@@ -212,11 +264,14 @@ class TritonPythonModel:
         outputs = set(request.requested_output_names()) or {"IMAGE", "LATENTS", "STEP"}
         self._check_cancelled(request, 0)
         rows = per_image([req])
+        latent_size = tuple(n // self.vae_scale for n in size)
         conditioning = await self._encode(req, ids, sizes, len(rows))
+        if self.kind == FLUX:  # the position ids of the packed image and text tokens
+            conditioning.update(flux_ids(len(rows), *latent_size, self.text_tokens))
         start = {} if init_image is None else await self._init_latents(init_image, rows)
         gen = Generation(self.partition, rows, conditioning, self.scheduler_config,
-                         device=self.device, latent_size=tuple(n // self.vae_scale for n in size),
-                         to_executor=self._to_triton, from_executor=self._noise_pred, **start)
+                         device=self.device, latent_size=latent_size, to_executor=self._to_triton,
+                         from_executor=self._noise_pred, denoising=self.denoising, **start)
         sent: set[int] = set()
         async with self.batcher.member() as member:  # await nothing but member.run in here
             for i in range(gen.steps):
@@ -264,8 +319,8 @@ class TritonPythonModel:
     # -- model calls ---------------------------------------------------------
     async def _encode(self, req, ids, sizes, images):
         """The components' conditioning of one request, its [uncond; cond] rows repeated for
-        ``images`` images ([uncond x k; cond x k]), by name: Triton tensors or torch tensors
-        that ``Generation`` converts with ``_to_triton``."""
+        ``images`` images ([uncond x k; cond x k]; FLUX: its one row, k times), by name:
+        Triton tensors or torch tensors that ``Generation`` converts with ``_to_triton``."""
         # Every text encoder in one run: batched with other requests' calls, side by side.
         calls = [ModelCall(net.model, {net.input: pb_utils.Tensor(net.input, i)}, outs)
                  for (net, outs), i in zip(self.encoders, ids, strict=True)]
@@ -277,6 +332,19 @@ class TritonPythonModel:
                 # the served dtype already: renamed, not copied
                 return {TEXT_STATES: pb_utils.Tensor.from_dlpack(TEXT_STATES, out.to_dlpack())}
             pair = {TEXT_STATES: _to_torch(out, self.device)}
+        elif self.kind == SD3:
+            p = self.params
+            states = [_to_torch(o[net.output], self.device)
+                      for o, (net, _) in zip(outs, self.encoders)]
+            pooled = [_to_torch(outs[0][p.text_encoder_pooled], self.device),
+                      _to_torch(outs[1][p.text_encoder_2_pooled], self.device)]
+            pair = sd3_conditioning(states[:2], pooled, states[2] if p.t5 else None,
+                                    t5_width=self.text_width)
+        elif self.kind == FLUX:
+            p = self.params
+            row = flux_conditioning(_to_torch(outs[0][p.text_encoder.output], self.device),
+                                    _to_torch(outs[1][p.text_encoder_2.output], self.device))
+            return {name: torch.cat([value] * images) for name, value in row.items()}
         else:
             p = self.params
             states = [_to_torch(o[net.output], self.device)
@@ -300,7 +368,8 @@ class TritonPythonModel:
     async def _decode(self, latents, size, member=None):
         """Latents [k, C, h, w] as uint8 images [k, HEIGHT, WIDTH, 3]."""
         net = self.params.vae_decoder
-        z = self._to_triton(net.input, latents / self.params.vae_scaling_factor)
+        z = self._to_triton(net.input, vae_latents(latents, self.params.vae_scaling_factor,
+                                                   self.params.vae_shift_factor))
         calls = [ModelCall(net.model, {net.input: z}, [net.output])]
         out = (await (member.run(calls) if member else self.batcher.run(calls)))[0]
         images = to_uint8_images(_to_torch(out[net.output], torch.device("cpu")).float())
@@ -313,7 +382,7 @@ class TritonPythonModel:
         """torch -> a Triton tensor of the served dtype, without a host copy on a GPU. A name
         export did not list (the outer ring's warm-up placeholders, made in the input's own
         dtype) keeps its dtype."""
-        if name == "timestep":  # components declare the per-sample timestep as [1]: [batch, 1]
+        if name in ROW_SCALARS:  # components declare the per-sample value as [1]: [batch, 1]
             tensor = tensor.reshape(-1, 1)
         if name in HOST_INPUTS:
             tensor = tensor.cpu()

@@ -92,3 +92,52 @@ def test_sdxl_configurations_are_projected_from_measured_stage_times():
     expected = project(make_plan(50, 2, 1, 1), Placement(2), seq["component_s"]).speedup
     assert seq["projected_measured"] == pytest.approx(expected)
     assert "| N3S2 w9 | 4 | outer-ring |" in speed.sdxl_table(res)
+
+
+def test_speed_on_a_dit_runs_the_same_runner_and_checks_its_latents(tmp_path, capsys):
+    """The narrowed SD3 built-in through the same in-process runner: a pipeline folder with a
+    flow-matching scheduler, the Triton part skipped, every variant's latents equal to
+    LocalRunner's on the same plan, and the sequential run equal to the whole transformer called
+    step by step."""
+    out = tmp_path / "speed_dit.json"
+    argv = ["--model", "sd3", "--latent", "16", "--steps", "4", "--reps", "1", "--check",
+            "--workdir", str(tmp_path / "work"), "--note", "test", "--json", str(out)]
+    assert speed.main(argv) == 0
+    assert LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads(out.read_text())
+    assert report["triton"] is None and report["triton_skipped"] and report["note"] == "test"
+    variants = report["local"]["variants"]
+    assert set(variants) == set(speed.VARIANTS)
+    for v in variants.values():
+        assert v["config"]["scheduler"] == "flowmatch-euler"
+        assert v["config"]["model"] == str(tmp_path / "work" / "sd3")
+        assert v["check"]["equal_to_local"] and v["check"]["max_abs_err_vs_local"] == 0.0
+    assert variants["seq"]["check"]["max_abs_err_vs_plain_loop"] < 1e-6
+    # batched stride: one doubled call instead of two, equal up to batched kernels' sums
+    assert variants["n2s2b"]["check"]["max_abs_err_vs_unbatched_local"] < 1e-4
+    # image and text tokens cross the cut: [2, 8, 8, 16] + [2, 333, 16] fp32
+    assert variants["n2s1"]["cross_bytes_per_round_fp32"] == 4 * 2 * (8 * 8 * 16 + 333 * 16)
+    pair = speed.side_by_side(report["local"], report["local"])
+    row = pair["variants"]["n2s1"]
+    assert row["dit"] == row["unet"] and row["dit"]["speedup"] == variants["n2s1"]["speedup"]
+    walls = {k: v["runs"][0]["wall_s"] for k, v in variants.items()}  # one rep: best = median
+    assert row["dit"]["speedup_best_reps"] == pytest.approx(walls["seq"] / walls["n2s1"])
+    assert "| N2S2 batched |" in speed.side_by_side_table(pair)
+
+
+def test_flux_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="FLUX's packed latents"):
+        speed.local_model("flux", tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_dit_bench_config_is_sd3_shaped_and_cuts_evenly():
+    """sd3-bench: 6 joint blocks, FLOP-balanced into 3|3 for N2S1 and 4|2 for batched N2S2."""
+    from asyncdiff.configs import load_denoiser
+    from asyncdiff.partition import partition_denoiser
+
+    meta = load_denoiser("sd3-bench", device="meta")
+    assert type(meta).__name__ == "SD3Transformer2DModel" and meta.config.num_layers == 6
+    cuts = {b: partition_denoiser(meta, 2, model="sd3-bench", height=32, width=32, stride=1 + b,
+                                  batched_stride=b).cuts for b in (False, True)}
+    assert cuts == {False: ["joint3"], True: ["joint4"]}

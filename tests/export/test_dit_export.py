@@ -1,9 +1,12 @@
 """``python -m export`` on SD3 / FLUX transformers: a Triton repository of the DiT's components.
 
 Tiny random transformers (``asyncdiff.configs.DIT_CONFIGS``) saved as diffusers writes them:
-SD3 inside a pipeline folder (``model_index.json`` + ``transformer/``) and exported at two
-sizes, FLUX as a bare transformer folder.  No pipeline model exists for a DiT yet, so the
-repositories hold the components alone.  One tritonserver serves the FLUX components, chained.
+SD3 inside a pipeline folder (``model_index.json`` + ``transformer/`` only) and exported at two
+sizes, FLUX as a bare transformer folder: these repositories hold the components alone.  A whole
+SD3 or FLUX pipeline folder (``tests/tiny_sd3.py``, ``tests/tiny_flux.py``) adds its text
+encoders, VAE decoder and the asyncdiff pipeline models (served:
+tests/backends/test_sd3_serving.py, test_flux_serving.py).  One tritonserver serves the FLUX
+components, chained.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from export import repository as repo_mod
 from export.onnx_export import FP32_TOL
 from serve import deployment
 from serve.launcher import TritonServer
+from tests.tiny_sd3 import save_tiny_sd3
 
 torch.set_num_threads(1)
 SIZE = 16  # default latent side: 128 px
@@ -91,7 +95,43 @@ def test_sd3_pipeline_folder_configs(exports):
         assert len(art.checks) >= 3 and art.max_abs_err <= FP32_TOL, (art.name, art.checks)
     assert "(SD3 transformer)" in text and "image/text token streams" in text
     assert "a StableDiffusion3Pipeline folder: only the SD3 transformer's components" in text
-    assert "No pipeline model is exported for a DiT yet" in text
+    assert "no text encoders, no VAE and no asyncdiff BLS" in text
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3-full") / "pipe")
+
+
+def test_sd3_pipeline_folder_exports_the_pipeline_models(sd3_folder, tmp_path):
+    """Each network checked against torch by export: CLIP-L/G (penultimate states + pooled),
+    T5 at 256 tokens, the 16-channel VAE decoder at both sizes; no VAE encoder (SD3 img2img is
+    not served)."""
+    result, text = run(tmp_path / "repo", sd3_folder, "--resolutions", "32x32,64x32")
+    configs = repo_mod.read_configs(result.options.out)
+    assert sorted(configs) == ["asyncdiff", "asyncdiff_stream", "text_encoder", "text_encoder_2",
+                               "text_encoder_3", "unet_part_0", "unet_part_1", "vae_decoder"]
+    for art in result.artifacts:
+        assert len(art.checks) >= 2 and art.max_abs_err <= FP32_TOL, (art.name, art.checks)
+    assert len(next(a for a in result.artifacts if a.name == "vae_decoder").checks) == 3
+    assert dims(configs["text_encoder"].output) == [("penultimate_hidden_state", [77, 8]),
+                                                    ("text_embeds", [8])]
+    assert dims(configs["text_encoder_3"].input) == [("input_ids", [256])]
+    assert dims(configs["text_encoder_3"].output) == [("last_hidden_state", [256, 32])]
+    assert dims(configs["vae_decoder"].input) == [("latents", [16, 16, -1])]  # width only moves
+    params = repo_mod.pipeline_params(configs["asyncdiff_stream"])
+    assert params.resolutions == ((32, 32), (64, 32)) and params.t5 and not params.img2img
+    assert "served text-to-image through the asyncdiff BLS" in text
+    assert "Not served: SD3 img2img" in text
+
+
+def test_sd3_default_scheduler_must_be_flow_matching(sd3_folder, tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert cli.main(["--model", str(sd3_folder), "--components", "1", "--out", str(out),
+                     "--no-progress", "--no-validate", "--scheduler", "ddim"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline default: SCHEDULER 'ddim' does not fit" in err and "flowmatch-euler" in err
+    assert repo_mod.our_models(out) == []
 
 
 def test_flux_transformer_folder_configs(exports):
@@ -112,6 +152,41 @@ def test_flux_transformer_folder_configs(exports):
     assert all(a.max_abs_err <= FP32_TOL for a in result.artifacts)
     assert "FLUX transformer" in text and "one prompt is batch 1" in text
     assert deployment.read(result.options.out)["resolutions"] == [[128, 128]]
+
+
+def test_flux_pipeline_folder_exports_the_pipeline_models(tiny_flux_repo):
+    """CLIP (pooled output only), T5 at the components' 512 text tokens, the 16-channel VAE
+    decoder, each checked against torch by export; no VAE encoder (FLUX img2img is not
+    served)."""
+    configs = repo_mod.read_configs(tiny_flux_repo)
+    assert sorted(configs) == ["asyncdiff", "asyncdiff_stream", "text_encoder", "text_encoder_2",
+                               "unet_part_0", "vae_decoder"]
+    assert dims(configs["text_encoder"].output) == [("text_embeds", [16])]
+    assert dims(configs["text_encoder_2"].input) == [("input_ids", [512])]
+    assert dims(configs["text_encoder_2"].output) == [("last_hidden_state", [512, 32])]
+    assert dims(configs["vae_decoder"].input) == [("latents", [16, 16, 16])]
+    # The transformer takes the latents packed: 8 x 8 tokens of 2 x 2 x 16 features.
+    assert dims(configs["unet_part_0"].input)[:1] == [("sample", [64, 64])]
+    params = repo_mod.pipeline_params(configs["asyncdiff_stream"])
+    assert (params.conditioning, params.latent_shape, params.resolutions) == (
+        "flux", (16, 16, 16), ((32, 32),))
+    assert (params.tokenizer_dir, params.tokenizer_2_dir) == ("tokenizer", "tokenizer_2")
+
+
+def test_flux_pipeline_folder_notes_and_one_size(tiny_flux_folder, tmp_path, capsys):
+    """The summary says what is served and what not; a second size is refused (the packed
+    token streams have a fixed length), nothing left behind."""
+    _, text = run(tmp_path / "repo", tiny_flux_folder, "--components", "1", "--no-validate",
+                  "--height", "32", "--width", "32")
+    assert "a FluxPipeline folder: served text-to-image through the asyncdiff BLS" in text
+    assert "text_encoder_2 (T5, 512 tokens)" in text and "guidance embedding (dev)" in text
+    assert "Not served: FLUX img2img" in text and "true CFG" in text and "prompt_2" in text
+    assert "guidance 3.5 (FLUX pipelines' default)" in text
+    out = tmp_path / "two-sizes"
+    assert cli.main(["--model", str(tiny_flux_folder), "--components", "1", "--out", str(out),
+                     "--no-progress", "--resolutions", "32x32,64x32"]) == 2
+    assert "a FLUX repository serves one size" in capsys.readouterr().err
+    assert repo_mod.our_models(out) == []
 
 
 def reference(model, env):

@@ -100,9 +100,9 @@ def max_steps(scheduler: str, config: Mapping) -> int:
     return steps
 
 
-def scheduler_fits(scheduler: str, config: Mapping) -> bool:
+def scheduler_fits(scheduler: str, config: Mapping, *, dynamic_shift: bool = False) -> bool:
     try:
-        check_scheduler_fits(scheduler, config)
+        check_scheduler_fits(scheduler, config, dynamic_shift=dynamic_shift)
     except (ValueError, NotImplementedError):
         return False
     return True

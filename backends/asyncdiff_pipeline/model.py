@@ -66,7 +66,7 @@ from asyncdiff.contract import (
 from asyncdiff.flux import FLUX_DENOISING
 from asyncdiff.generation import (
     Denoising, Generation, cfg_batch, check_scheduler_fits, latent_input, make_scheduler,
-    max_steps,
+    max_steps, scheduler_fits,
 )
 from asyncdiff.partition import Partition
 from asyncdiff.placement import Placement
@@ -104,6 +104,7 @@ class TritonPythonModel:
             self.scheduler_config = json.load(f)
         self.kind = conditioning_kind(self.partition)
         self.denoising = FLUX_DENOISING if self.kind == FLUX else Denoising()
+        self.dynamic_shift = self.kind == FLUX  # FLUX passes mu (the image size) to set_timesteps
         latent, c, h, w = latent_input(self.partition).shape[1:], *p.latent_shape
         served = ((h * w // FLUX_PATCH ** 2, c * FLUX_PATCH ** 2) if self.kind == FLUX
                   else (c, h, w))  # FLUX's components take the latents packed
@@ -165,22 +166,11 @@ class TritonPythonModel:
         """Pay the first request's one-time costs at load: importing diffusers' schedulers (the
         bulk of a cold first request) and the tokenizers' first call."""
         self.max_steps = {name: max_steps(name, self.scheduler_config) for name in SCHEDULERS
-                          if self._scheduler_fits(name)}
+                          if scheduler_fits(name, self.scheduler_config,
+                                            dynamic_shift=self.dynamic_shift)}
         for name in self.max_steps:  # flow matching's max_steps builds no scheduler
             make_scheduler(name, self.scheduler_config)
         self._token_ids(Request("warm-up"))
-
-    def _check_scheduler(self, name):
-        """ValueError unless SCHEDULER ``name`` fits the model; FLUX passes the dynamic shift
-        (mu) that a scheduler with use_dynamic_shifting needs."""
-        check_scheduler_fits(name, self.scheduler_config, dynamic_shift=self.kind == FLUX)
-
-    def _scheduler_fits(self, name):
-        try:
-            self._check_scheduler(name)
-        except (ValueError, NotImplementedError):
-            return False
-        return True
 
     def _token_ids(self, req):
         """[negative; prompt] token ids per text encoder (SD3's T5 padded to 256 tokens);
@@ -232,7 +222,8 @@ class TritonPythonModel:
         p = self.params
         try:  # only parsing and validation are the client's to fix
             req = Request.from_inputs(lambda name: _input(request, name), p.defaults)
-            self._check_scheduler(req.scheduler)
+            check_scheduler_fits(req.scheduler, self.scheduler_config,
+                                 dynamic_shift=self.dynamic_shift)
             if self.kind == FLUX:
                 check_no_negative_prompt(req)
             _check_steps(req, self.max_steps[req.scheduler])

@@ -1,22 +1,32 @@
 """Continuous batching of model calls across concurrent generations (asyncio, no Triton).
 
 Every request runs its own ``Generation`` in its own coroutine and hands each
-wave of component calls to the ``CallBatcher``. The batcher fires a *tick*
-once every member (a generation between its first and its last wave) has a
+wave of component calls to the ``CallBatcher``. Members (generations between
+their first and their last wave) are dealt into ``cohorts`` groups as they join
+(to the smallest). A cohort fires a *tick* once every one of its members has a
 wave waiting; the tick's calls are grouped by model and each group becomes ONE
 call on the concatenated rows, whose outputs are split back per caller. So
-however many requests are in flight, at whatever step, each model gets one
-call per tick. A request joins at its next wave (step granularity) and leaves
-after its last one. Calls from outside a membership (the text encoder before
-the first step, the VAE after the last) ride with the next tick, or go at once
-when no member is waiting.
+each model gets one call per cohort and step, however many requests are in
+flight. A request joins at its next wave (step granularity) and leaves after
+its last one. Calls from outside a membership (the text encoder before the
+first step, the VAE after the last) ride with the next tick, or go at once
+when there is no member.
 
-Timeline, N=2 and one warm-up step: B joins while A is at step 3::
+Timeline, one cohort, N=2 and one warm-up step: B joins while A is at step 3::
 
     tick        1            2              3
     A           s3: c0 c1    s4: c0 c1      s5: c0 c1
     B           (encoding)   s0: c0         s0: c1       (warm-up: one call per wave)
     calls       c0[A] c1[A]  c0[A+B] c1[A]  c0[A] c1[A+B]
+
+Why two cohorts (the served default): with one, every model waits while the
+pipeline turns a tick's outputs into the next wave (guidance, the scheduler
+step, splitting and concatenating), and the faster component waits for the
+slower one. With two, cohort 1's calls run during cohort 0's pipeline work and
+fill those gaps, for calls half as large. Requests A..D, N=2::
+
+    cohort 0 (A, C)   c0 c1 | pipeline | c0 c1 | pipeline | ...
+    cohort 1 (B, D)         | c0 c1    | pipeline | c0 c1 | ...
 
 Values are the executor's (Triton tensors in the BLS, torch in-process); the
 executor passes ``rows``, ``concat`` and ``split`` for them. Rows are kept in
@@ -30,7 +40,7 @@ Calls are merged only when their inputs agree in every dim but the rows
 (``signature``): requests of different image sizes share ticks, not calls.
 
 Rule for members: inside ``member()`` await nothing but ``Member.run`` (a
-member awaiting anything else would hold every tick back).
+member awaiting anything else would hold its cohort's ticks back).
 
 ``Slots`` bounds the rows in flight: a request of k images takes k slots, in
 arrival order.
@@ -81,13 +91,18 @@ class CallBatcher:
                  concat: Callable[[str, list[Any]], Any],
                  split: Callable[[str, Any, list[int]], list[Any]],
                  max_rows: Mapping[str, int] | None = None, separate_repeats: bool = False,
-                 signature: Callable[[Any], Any] | None = None):
+                 signature: Callable[[Any], Any] | None = None, cohorts: int = 1):
+        if cohorts < 1:
+            raise ValueError(f"cohorts must be >= 1, got {cohorts}")
         self._execute, self._rows, self._concat, self._split = execute, rows, concat, split
         self._signature = signature or (lambda value: None)
         self._max_rows = dict(max_rows or {})
         self._separate_repeats = separate_repeats
+        self._cohorts = cohorts
         self._pending: list[_Pending] = []
-        self._members: set[int] = set()
+        self._members: dict[int, int] = {}  # member id -> its cohort
+        self._firing: set[int] = set()  # cohorts whose tick is in flight
+        self._ticks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.stats = TickStats()
@@ -97,11 +112,12 @@ class CallBatcher:
     async def member(self):
         """A generation's membership: ticks wait for its waves until it leaves."""
         m = Member(self)
-        self._members.add(id(m))
+        sizes = collections.Counter(self._members.values())
+        self._members[id(m)] = min(range(self._cohorts), key=lambda c: sizes[c])  # the smallest
         try:
             yield m
         finally:
-            self._members.discard(id(m))
+            del self._members[id(m)]
             self._wake.set()
 
     async def run(self, calls: Sequence[ModelCall], member: "Member | None" = None) -> list[Mapping]:
@@ -120,6 +136,8 @@ class CallBatcher:
         return list(await asyncio.gather(*(p.future for p in pending)))
 
     async def close(self) -> None:
+        for tick in list(self._ticks):
+            await tick
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -131,30 +149,50 @@ class CallBatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._dispatch())
 
-    def _ready(self) -> bool:
+    def _ready_cohorts(self) -> list[int]:
+        """Cohorts not in a tick whose every member has its wave in; with no member at all,
+        a pseudo-cohort -1 for the calls from outside (text encoders, the VAE)."""
         if not self._pending:
-            return False
+            return []
+        if not self._members:
+            return [] if -1 in self._firing else [-1]
         waiting = {p.member for p in self._pending if p.member is not None}
-        return waiting >= self._members  # every member has its wave in
+        cohorts: dict[int, set[int]] = {}
+        for m, c in self._members.items():
+            cohorts.setdefault(c, set()).add(m)
+        return [c for c, ms in sorted(cohorts.items())
+                if c not in self._firing and ms <= waiting]
 
     async def _dispatch(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._ready():
-                continue
-            tick, self._pending = self._pending, []
-            await self._fire(tick)
+            for c in self._ready_cohorts():
+                # the cohort's waves, and every call from outside a membership waiting now
+                tick = [p for p in self._pending
+                        if p.member is None or self._members.get(p.member) == c]
+                if not tick:
+                    continue
+                taken = {id(p) for p in tick}
+                self._pending = [p for p in self._pending if id(p) not in taken]
+                self._firing.add(c)
+                task = asyncio.ensure_future(self._fire(c, tick))
+                self._ticks.add(task)
+                task.add_done_callback(self._ticks.discard)
 
-    async def _fire(self, tick: list[_Pending]) -> None:
-        self.stats.ticks += 1
-        self.stats.requested_calls += len(tick)
-        groups: dict[tuple, list[_Pending]] = {}
-        for p in tick:
-            shapes = tuple((n, self._signature(v)) for n, v in p.call.inputs.items())
-            groups.setdefault((p.call.model, p.lane, shapes), []).append(p)
-        chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
-        await asyncio.gather(*(self._call(chunk) for chunk in chunks))
+    async def _fire(self, cohort: int, tick: list[_Pending]) -> None:
+        try:
+            self.stats.ticks += 1
+            self.stats.requested_calls += len(tick)
+            groups: dict[tuple, list[_Pending]] = {}
+            for p in tick:
+                shapes = tuple((n, self._signature(v)) for n, v in p.call.inputs.items())
+                groups.setdefault((p.call.model, p.lane, shapes), []).append(p)
+            chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
+            await asyncio.gather(*(self._call(chunk) for chunk in chunks))
+        finally:
+            self._firing.discard(cohort)
+            self._wake.set()
 
     def _chunks(self, group: list[_Pending]) -> list[list[_Pending]]:
         limit = self._max_rows.get(group[0].call.model)

@@ -136,6 +136,45 @@ def test_a_tick_waits_for_every_member():
     assert rec.calls == [("c0", 4)]
 
 
+def test_cohorts_step_apart_and_a_cohort_does_not_wait_for_the_other():
+    """Four members in two cohorts (joined alternately): while member 1 (cohort 1) is still
+    computing, cohort 0's tick goes out without it; one cohort's tick is in flight while the
+    other fires. With one cohort, the same members make one call."""
+
+    def run(cohorts):
+        in_flight, most, calls = 0, 0, []
+
+        async def execute(model, inputs, outputs):
+            nonlocal in_flight, most
+            calls.append((model, inputs["x"][:, 0].tolist()))
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+            return {"y": inputs["x"] * 2}
+
+        async def member(b, value, delay):
+            async with b.member() as m:
+                await asyncio.sleep(delay)  # "CPU work" before its wave
+                return (await m.run([call("c0", 1, value)]))[0]["y"].item()
+
+        async def main():
+            b = batcher(execute, cohorts=cohorts)
+            out = await asyncio.gather(*(member(b, v, 0.005 if v == 1 else 0) for v in range(4)))
+            await b.close()
+            return out
+
+        return asyncio.run(main()), calls, most
+
+    out, calls, most = run(2)
+    assert out == [0.0, 2.0, 4.0, 6.0]
+    assert calls == [("c0", [0.0, 2.0]), ("c0", [3.0, 1.0])] and most == 2  # rows as submitted
+    out, calls, most = run(1)
+    assert out == [0.0, 2.0, 4.0, 6.0] and calls == [("c0", [0.0, 2.0, 3.0, 1.0])] and most == 1
+    with pytest.raises(ValueError, match="cohorts"):
+        batcher(Recorder(), cohorts=0)
+
+
 def test_groups_over_the_models_max_batch_are_split_and_repeats_can_stay_lanes():
     rec = Recorder()
 
@@ -173,9 +212,11 @@ def test_an_error_reaches_every_caller_of_that_call_only():
     assert float(good[0][0]["y"][0]) == 6.0
 
 
-def test_generations_batched_together_equal_each_alone(small_unets):
+@pytest.mark.parametrize("cohorts", [1, 2])
+def test_generations_batched_together_equal_each_alone(small_unets, cohorts):
     """Three generations with different steps, schedulers and seeds through one batcher
-    (torch components) give the latents each gives alone, to batched-kernel precision."""
+    (torch components; one or two cohorts) give the latents each gives alone, to
+    batched-kernel precision."""
     unet = small_unets["sd15"]
     part = partition_unet(unet, 2, model="sd15", height=16, width=16)
     comps = build_components(unet, part)
@@ -201,7 +242,7 @@ def test_generations_batched_together_equal_each_alone(small_unets):
 
     async def main(together):
         b = CallBatcher(execute, rows=lambda t: t.shape[0], concat=lambda _, ts: torch.cat(ts),
-                        split=lambda _, t, sizes: list(torch.split(t, sizes)))
+                        split=lambda _, t, sizes: list(torch.split(t, sizes)), cohorts=cohorts)
         if together:
             out = await asyncio.gather(*(generate(b, r) for r in reqs))
         else:

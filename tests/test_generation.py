@@ -225,3 +225,27 @@ def test_rows_without_guidance_packed_latents_and_sigma_timesteps():
     with pytest.raises(ValueError, match=r"2 requests need 2 \(one row per request\)"):
         Generation(part, reqs, {**cond, "pooled_projections": torch.zeros(4, 16)}, config,
                    latent_size=(12, 8), denoising=FLUX_DENOISING)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++"])
+def test_schedulers_are_fresh_copies_that_step_as_a_new_one(sd, scheduler):
+    """make_scheduler copies one prototype per (name, config): a copy that has been stepped
+    leaves the next copy fresh, and each steps exactly as a scheduler built from the config."""
+    from asyncdiff.generation import _build_scheduler, make_scheduler
+
+    config = dict(sd.scheduler.config)
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(s):
+        s.set_timesteps(4)
+        x = sample
+        for t in s.timesteps:
+            x = s.step(0.1 * x, t, x).prev_sample
+        return x
+
+    used = make_scheduler(scheduler, config)
+    first = run(used)
+    fresh = make_scheduler(scheduler, config)
+    assert fresh is not used and fresh.num_inference_steps is None  # set_timesteps not called
+    assert torch.equal(run(fresh), first)
+    assert torch.equal(run(_build_scheduler(scheduler, config)), first)

@@ -21,9 +21,11 @@ no CFG (``FLUX_DENOISING``: packed latents, sigmas with the dynamic shift of the
 image size, GUIDANCE_SCALE into the guidance embedding), ``text_encoder``'s (CLIP)
 pooled output and ``text_encoder_2``'s (T5) states; NEGATIVE_PROMPT is refused.
 Every model call goes through one ``CallBatcher`` (``asyncdiff.batching``):
-the calls of all requests in flight that reach a model in the same wave go
-out as ONE call on their concatenated rows (continuous batching: a request
-joins at its next step, leaves after its last). Responses: one progress
+the requests in flight step in ``batch_cohorts`` lockstep groups, and the calls
+of one group that reach a model in the same wave go out as ONE call on their
+concatenated rows (continuous batching: a request joins at its next step,
+leaves after its last; with two groups, one group's calls run while this
+model works on the other's outputs). Responses: one progress
 response per step (STEP = [done, total], PREVIEW every PREVIEW_EVERY steps),
 then the final one (IMAGE, LATENTS, STEP). A request whose client has gone is
 stopped at the next step boundary and frees its slot.
@@ -151,7 +153,8 @@ class TritonPythonModel:
         self.batcher = CallBatcher(self._infer, rows=lambda t: t.shape()[0], concat=self._concat,
                                    split=self._split, max_rows=p.max_batch_sizes,
                                    separate_repeats=part.stride == 2 and not part.batched_stride,
-                                   signature=lambda t: tuple(t.shape()[1:]))
+                                   signature=lambda t: tuple(t.shape()[1:]),
+                                   cohorts=p.batch_cohorts)
         self.slots = Slots(p.max_batch_requests)  # one per image in flight
         self.vae_scale = p.image_shape[0] // p.latent_shape[1]  # pixels per latent cell
         self.running: set[str] = set()  # request ids in flight
@@ -253,7 +256,10 @@ class TritonPythonModel:
 
     async def _generate(self, request, sender, req, size, ids, sizes, init_image, preview_every):
         outputs = set(request.requested_output_names()) or {"IMAGE", "LATENTS", "STEP"}
-        self._check_cancelled(request, 0)
+        # A request forwarded by the unary model learns of its cancellation from a control
+        # request naming it; is_cancelled() is an IPC round trip per step, spared there.
+        forwarded = bool(_parameters(request).get("error_output"))
+        self._check_cancelled(request, 0, forwarded)
         rows = per_image([req])
         latent_size = tuple(n // self.vae_scale for n in size)
         conditioning = await self._encode(req, ids, sizes, len(rows))
@@ -266,7 +272,7 @@ class TritonPythonModel:
         sent: set[int] = set()
         async with self.batcher.member() as member:  # await nothing but member.run in here
             for i in range(gen.steps):
-                self._check_cancelled(request, i)
+                self._check_cancelled(request, i, forwarded)
                 for wave in gen.waves(i):
                     gen.record(wave, await member.run(_fresh(wave, sent)))
                 gen.advance(i)
@@ -284,8 +290,8 @@ class TritonPythonModel:
                  pb_utils.Tensor("STEP", np.array([gen.steps, gen.steps], np.int32))]
         return pb_utils.InferenceResponse(output_tensors=[t for t in final if t.name() in outputs])
 
-    def _check_cancelled(self, request, step):
-        if request.is_cancelled() or request.request_id() in self.cancelled:
+    def _check_cancelled(self, request, step, forwarded=False):
+        if request.request_id() in self.cancelled or (not forwarded and request.is_cancelled()):
             pb_utils.Logger.log_info(f"asyncdiff: request cancelled before step {step}")
             raise Refused(f"{CANCELLED_MESSAGE} before step {step}", pb_utils.TritonError.CANCELLED)
 
@@ -386,11 +392,17 @@ class TritonPythonModel:
         return _to_torch(tensor, self.device)  # Generation casts it to fp32 for the scheduler
 
     def _concat(self, name, tensors):
-        """Rows of several requests' tensors as one tensor, where the first one lives."""
+        """Rows of several requests' tensors as one tensor, where the first one lives (on the
+        host: one copy, numpy straight from each tensor's buffer)."""
+        if all(t.is_cpu() for t in tensors):
+            return pb_utils.Tensor(name, np.concatenate([t.as_numpy() for t in tensors]))
         device = _device(tensors[0])
         return _from_torch(name, torch.cat([_to_torch(t, device) for t in tensors]))
 
     def _split(self, name, tensor, sizes):
+        if tensor.is_cpu():  # row blocks of a C-contiguous array: contiguous views, no copy
+            rows = np.split(tensor.as_numpy(), np.cumsum(sizes)[:-1])
+            return [pb_utils.Tensor(name, r) for r in rows]
         rows = torch.split(_to_torch(tensor, _device(tensor)), sizes)
         return [_from_torch(name, r.contiguous()) for r in rows]
 

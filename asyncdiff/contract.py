@@ -320,8 +320,8 @@ class PipelineParams:
     # partition's N, S and batched stride it rebuilds the placement that says where each
     # call's outputs are consumed.
     gpus: tuple[int, ...] | None = None
-    # Requests whose component calls go out together as one batched call (continuous
-    # batching at step granularity); the components' max batch holds their rows.
+    # Requests in flight at once, their component calls batched (continuous batching at step
+    # granularity, in ``batch_cohorts`` groups); the components' max batch holds their rows.
     max_batch_requests: int = 1
     # Requests that may wait for a batch slot; beyond that a request is refused as busy.
     max_queue_size: int = 16

@@ -1,4 +1,4 @@
-"""CallBatcher: one call per model per tick across callers, rows split back to each caller."""
+"""CallBatcher: one call per model per tick across a cohort's callers, rows split back to each."""
 
 from __future__ import annotations
 

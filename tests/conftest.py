@@ -57,9 +57,7 @@ def tiny_sdxl():
 @pytest.fixture(scope="session")
 def tiny_sdxl_folder(tiny_sdxl, tmp_path_factory):
     """``tiny_sdxl`` saved as a diffusers pipeline folder (what export reads)."""
-    path = tmp_path_factory.mktemp("sdxl") / "pipe"
-    tiny_sdxl.save_pretrained(path)
-    return path
+    return _saved(tiny_sdxl, tmp_path_factory, "sdxl")
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +72,12 @@ def tiny_flux():
 @pytest.fixture(scope="session")
 def tiny_flux_folder(tiny_flux, tmp_path_factory):
     """``tiny_flux`` saved as a diffusers pipeline folder (what export reads)."""
-    path = tmp_path_factory.mktemp("flux") / "pipe"
-    tiny_flux.save_pretrained(path)
+    return _saved(tiny_flux, tmp_path_factory, "flux")
+
+
+def _saved(pipe, tmp_path_factory, name):
+    path = tmp_path_factory.mktemp(name) / "pipe"
+    pipe.save_pretrained(path)
     return path
 
 

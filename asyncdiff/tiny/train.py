@@ -237,16 +237,29 @@ def save_pipeline(out, vae, te, tok_dir, unet):
     staging.rename(out)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=PACKAGE_DIR,
-                   help="writes OUT/model and OUT/classifier_weights")
+def training_parser(description: str, out: Path, lr: float, out_help: str | None = None):
+    """The options every tiny-model trainer takes (this one and ``train_dit``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=out, help=out_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def seeded(args) -> torch.Generator:
+    """Threads and seeds from the options; the data generator of the run."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return torch.Generator().manual_seed(args.seed)
+
+
+def parse_args(argv=None):
+    p = training_parser(__doc__.splitlines()[0], PACKAGE_DIR, 2e-3,
+                        "writes OUT/model and OUT/classifier_weights")
+    p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--bpe", type=Path, default=None,
                    help="CLIP bpe_simple_vocab_16e6.txt.gz (default: reuse "
                         "the committed tokenizer)")
@@ -255,9 +268,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seeded(args)
     start = time.time()
     tok_dir = tokenizer_source(args.bpe)
     images, labels = load_split("train")

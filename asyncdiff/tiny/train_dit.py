@@ -25,7 +25,6 @@ Bit-identical results need the same seed, thread count and machine.  Set
 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 (see train.py).
 """
 
-import argparse
 import contextlib
 import math
 import shutil
@@ -38,7 +37,8 @@ from tqdm import tqdm
 
 from . import MODEL_DIR, prompts_for
 from .data import load_split
-from .train import Ema, _log, lr_factor, sample_prompts, write_bpe_tokenizer
+from .train import (Ema, _log, lr_factor, sample_prompts, seeded, training_parser,
+                    write_bpe_tokenizer)
 
 SD3_MODEL_DIR = Path(__file__).resolve().parent / "sd3_model"
 FLOW_SHIFT = 1.0  # SD3 uses 3.0 at 1024 px; a 16x16 latent needs no shift towards noise
@@ -210,21 +210,12 @@ def save_pipeline(pipe, out):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=SD3_MODEL_DIR)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
+    return training_parser(__doc__.splitlines()[0], SD3_MODEL_DIR, 1e-3).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seeded(args)
     start = time.time()
     pipe = build_pipeline(build_transformer())
     text, pooled = prompt_conditioning(pipe)

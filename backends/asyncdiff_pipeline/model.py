@@ -290,7 +290,7 @@ class TritonPythonModel:
                  pb_utils.Tensor("STEP", np.array([gen.steps, gen.steps], np.int32))]
         return pb_utils.InferenceResponse(output_tensors=[t for t in final if t.name() in outputs])
 
-    def _check_cancelled(self, request, step, forwarded=False):
+    def _check_cancelled(self, request, step, forwarded):
         if request.request_id() in self.cancelled or (not forwarded and request.is_cancelled()):
             pb_utils.Logger.log_info(f"asyncdiff: request cancelled before step {step}")
             raise Refused(f"{CANCELLED_MESSAGE} before step {step}", pb_utils.TritonError.CANCELLED)

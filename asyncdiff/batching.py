@@ -1,46 +1,35 @@
 """Continuous batching of model calls across concurrent generations (asyncio, no Triton).
 
-Every request runs its own ``Generation`` in its own coroutine and hands each
-wave of component calls to the ``CallBatcher``. Members (generations between
-their first and their last wave) are dealt into ``cohorts`` groups as they join
-(to the smallest). A cohort fires a *tick* once every one of its members has a
-wave waiting; the tick's calls are grouped by model and each group becomes ONE
-call on the concatenated rows, whose outputs are split back per caller. So
-each model gets one call per cohort and step, however many requests are in
-flight. A request joins at its next wave (step granularity) and leaves after
-its last one. Calls from outside a membership (the text encoder before the
-first step, the VAE after the last) ride with the next tick, or go at once
-when there is no member.
+Every request runs its own ``Generation`` under the dataflow driver
+(``asyncdiff.dataflow``) and submits each component call the moment it is ready.
+The ``CallBatcher`` keeps, per model, the calls out and a queue of the calls that
+wait.  A call goes out at once when its model has an instance with nothing out.
+Beyond that, a call may still go out behind another (``depth`` calls per instance) if it
+comes from a caller (``ModelCall.owner``, the generation) that has a call out there
+already and nobody else waits: that is a generation's next call, queued in the
+model so the model goes from one to the next without a round trip.  Everything else
+waits, and when an instance is free, everything that waited goes out as ONE
+call on the concatenated rows, whose outputs are split back per caller.  So a lone
+request never waits for company, and under load each model call carries the rows
+that gathered while the model was busy. Requests join and leave at any call.
 
-Timeline, one cohort, N=2 and one warm-up step: B joins while A is at step 3::
+Timeline, one model with one instance, requests A..C::
 
-    tick        1            2              3
-    A           s3: c0 c1    s4: c0 c1      s5: c0 c1
-    B           (encoding)   s0: c0         s0: c1       (warm-up: one call per wave)
-    calls       c0[A] c1[A]  c0[A+B] c1[A]  c0[A] c1[A+B]
-
-Why two cohorts (the served default): with one, every model waits while the
-pipeline turns a tick's outputs into the next wave (guidance, the scheduler
-step, splitting and concatenating), and the faster component waits for the
-slower one. With two, cohort 1's calls run during cohort 0's pipeline work and
-fill those gaps, for calls half as large. Requests A..D, N=2::
-
-    cohort 0 (A, C)   c0 c1 | pipeline | c0 c1 | pipeline | ...
-    cohort 1 (B, D)         | c0 c1    | pipeline | c0 c1 | ...
+    model     A0 ======|B0+C0 ======|A1+B1+C1 ======|
+    queue     B0 C0 (wait: A0 is out)  A1 (waits: B0+C0 are out) B1 C1 ...
+    alone     A0 ======|A1 ======|A2 ...   (A1 waited in the model's queue behind A0)
 
 Values are the executor's (Triton tensors in the BLS, torch in-process); the
 executor passes ``rows``, ``concat`` and ``split`` for them. Rows are kept in
-submission order. A model whose group would exceed its maximum batch is called
-several times, each within the limit. Two calls of one caller to one model in
-one tick (the stride pair of the last component with S=2) are merged too,
-which is batched stride; with ``separate_repeats`` they stay two calls (lanes),
-each batched across callers, so plain S=2 keeps its two instances busy.
+submission order. A call that would exceed the model's maximum batch is cut into
+several, each within the limit. Calls are merged only when their inputs agree in
+every dim but the rows (``signature``): requests of different image sizes share a
+model, not a call.  A model with several instances (the stride copy's) takes a call
+per instance before anything waits; whichever frees first takes what waits.
 
-Calls are merged only when their inputs agree in every dim but the rows
-(``signature``): requests of different image sizes share ticks, not calls.
-
-Rule for members: inside ``member()`` await nothing but ``Member.run`` (a
-member awaiting anything else would hold its cohort's ticks back).
+``send(model, inputs, output_names)`` starts the call and returns its future (or a
+coroutine, which starts at the loop's next turn); sending from inside ``submit``
+is what lets a component's call leave before the pipeline's next piece of work.
 
 ``Slots`` bounds the rows in flight: a request of k images takes k slots, in
 arrival order.
@@ -50,13 +39,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# execute(model, inputs by name, output names) -> outputs by name
-Execute = Callable[[str, Mapping[str, Any], Sequence[str]], Awaitable[Mapping[str, Any]]]
+# send(model, inputs by name, output names) -> the outputs by name, on their way
+Send = Callable[[str, Mapping[str, Any], Sequence[str]], Awaitable[Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -66,136 +54,83 @@ class ModelCall:
     model: str
     inputs: Mapping[str, Any]
     output_names: Sequence[str]
+    owner: Any = None  # the caller (a generation): its next call may queue behind its last
 
 
-@dataclass
+@dataclass(eq=False)  # found by identity in a model's queue
 class _Pending:
     call: ModelCall
     future: asyncio.Future
-    member: object | None
-    lane: int = 0
 
 
 @dataclass
-class TickStats:
-    """What the batcher did: ticks fired, calls asked for, model calls made and their rows."""
+class BatchStats:
+    """What the batcher did: calls asked for, model calls made and their rows."""
 
-    ticks: int = 0
     requested_calls: int = 0
     model_calls: int = 0
     rows: int = 0
 
 
 class CallBatcher:
-    def __init__(self, execute: Execute, rows: Callable[[Any], int],
+    def __init__(self, send: Send, rows: Callable[[Any], int],
                  concat: Callable[[str, list[Any]], Any],
                  split: Callable[[str, Any, list[int]], list[Any]],
-                 max_rows: Mapping[str, int] | None = None, separate_repeats: bool = False,
-                 signature: Callable[[Any], Any] | None = None, cohorts: int = 1):
-        if cohorts < 1:
-            raise ValueError(f"cohorts must be >= 1, got {cohorts}")
-        self._execute, self._rows, self._concat, self._split = execute, rows, concat, split
+                 max_rows: Mapping[str, int] | None = None,
+                 instances: Mapping[str, int] | None = None, depth: int = 2,
+                 signature: Callable[[Any], Any] | None = None):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._send, self._rows, self._concat, self._split = send, rows, concat, split
         self._signature = signature or (lambda value: None)
         self._max_rows = dict(max_rows or {})
-        self._separate_repeats = separate_repeats
-        self._cohorts = cohorts
-        self._pending: list[_Pending] = []
-        self._members: dict[int, int] = {}  # member id -> its cohort
-        self._firing: set[int] = set()  # cohorts whose tick is in flight
-        self._ticks: set[asyncio.Task] = set()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self.stats = TickStats()
+        self._instances = dict(instances or {})
+        self._depth = depth
+        self._queues: dict[str, collections.deque[_Pending]] = collections.defaultdict(
+            collections.deque)
+        self._out: collections.Counter[str] = collections.Counter()  # calls out per model
+        # per model: how many calls out each owner has rows in
+        self._owners: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.stats = BatchStats()
 
-    # -- the callers' side -----------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def member(self):
-        """A generation's membership: ticks wait for its waves until it leaves."""
-        m = Member(self)
-        sizes = collections.Counter(self._members.values())
-        self._members[id(m)] = min(range(self._cohorts), key=lambda c: sizes[c])  # the smallest
-        try:
-            yield m
-        finally:
-            del self._members[id(m)]
-            self._wake.set()
+    def submit(self, call: ModelCall) -> asyncio.Future:
+        """The outputs of ``call`` (a mapping by name), sent now if its model has room."""
+        pending = _Pending(call, asyncio.get_running_loop().create_future())
+        self.stats.requested_calls += 1
+        self._queues[call.model].append(pending)
+        self._flush(call.model)
+        return pending.future
 
-    async def run(self, calls: Sequence[ModelCall], member: "Member | None" = None) -> list[Mapping]:
-        """Outputs of ``calls`` (one mapping each), made in the next tick."""
-        self._ensure_dispatcher()
-        loop = asyncio.get_running_loop()
-        seen: dict[str, int] = {}
-        pending = []
-        for c in calls:
-            lane = seen.get(c.model, 0) if self._separate_repeats else 0
-            seen[c.model] = seen.get(c.model, 0) + 1
-            pending.append(_Pending(c, loop.create_future(), None if member is None else id(member),
-                                    lane))
-        self._pending.extend(pending)
-        self._wake.set()
-        return list(await asyncio.gather(*(p.future for p in pending)))
+    async def run(self, calls: Sequence[ModelCall]) -> list[Mapping]:
+        """The outputs of several calls, one mapping each."""
+        return list(await asyncio.gather(*(self.submit(c) for c in calls)))
 
-    async def close(self) -> None:
-        for tick in list(self._ticks):
-            await tick
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def waiting(self, model: str) -> int:
+        """Calls queued for ``model`` (not sent yet)."""
+        return len(self._queues[model])
 
-    # -- the dispatcher --------------------------------------------------------
-    def _ensure_dispatcher(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._dispatch())
+    # -- dispatch --------------------------------------------------------------
+    def _slots(self, model: str) -> int:
+        """Calls a model may have out: ``depth`` per instance."""
+        return self._depth * self._instances.get(model, 1)
 
-    def _ready_cohorts(self) -> list[int]:
-        """Cohorts not in a tick whose every member has its wave in; with no member at all,
-        a pseudo-cohort -1 for the calls from outside (text encoders, the VAE)."""
-        if not self._pending:
-            return []
-        if not self._members:
-            return [] if -1 in self._firing else [-1]
-        waiting = {p.member for p in self._pending if p.member is not None}
-        cohorts: dict[int, set[int]] = {}
-        for m, c in self._members.items():
-            cohorts.setdefault(c, set()).add(m)
-        return [c for c, ms in sorted(cohorts.items())
-                if c not in self._firing and ms <= waiting]
+    def _flush(self, model: str) -> None:
+        queue, owners = self._queues[model], self._owners[model]
+        while queue and self._out[model] < self._slots(model):
+            if self._out[model] >= self._instances.get(model, 1) and not all(
+                    p.call.owner is not None and owners[p.call.owner] for p in queue):
+                return  # someone else waits: the next call goes when an instance is free
+            key = self._key(queue[0].call)
+            chunk = self._within_limit(model, [p for p in queue if self._key(p.call) == key])[0]
+            for p in chunk:
+                queue.remove(p)
+            self._dispatch(model, chunk)
 
-    async def _dispatch(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            for c in self._ready_cohorts():
-                # the cohort's waves, and every call from outside a membership waiting now
-                tick = [p for p in self._pending
-                        if p.member is None or self._members.get(p.member) == c]
-                if not tick:
-                    continue
-                taken = {id(p) for p in tick}
-                self._pending = [p for p in self._pending if id(p) not in taken]
-                self._firing.add(c)
-                task = asyncio.ensure_future(self._fire(c, tick))
-                self._ticks.add(task)
-                task.add_done_callback(self._ticks.discard)
+    def _key(self, call: ModelCall):
+        return tuple((n, self._signature(v)) for n, v in call.inputs.items())
 
-    async def _fire(self, cohort: int, tick: list[_Pending]) -> None:
-        try:
-            self.stats.ticks += 1
-            self.stats.requested_calls += len(tick)
-            groups: dict[tuple, list[_Pending]] = {}
-            for p in tick:
-                shapes = tuple((n, self._signature(v)) for n, v in p.call.inputs.items())
-                groups.setdefault((p.call.model, p.lane, shapes), []).append(p)
-            chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
-            await asyncio.gather(*(self._call(chunk) for chunk in chunks))
-        finally:
-            self._firing.discard(cohort)
-            self._wake.set()
-
-    def _chunks(self, group: list[_Pending]) -> list[list[_Pending]]:
-        limit = self._max_rows.get(group[0].call.model)
+    def _within_limit(self, model: str, group: list[_Pending]) -> list[list[_Pending]]:
+        limit = self._max_rows.get(model)
         chunks, rows = [[]], 0
         for p in group:
             n = self._call_rows(p.call)
@@ -209,39 +144,46 @@ class CallBatcher:
     def _call_rows(self, call: ModelCall) -> int:
         return self._rows(next(iter(call.inputs.values())))
 
-    async def _call(self, chunk: list[_Pending]) -> None:
+    def _dispatch(self, model: str, chunk: list[_Pending]) -> None:
         first = chunk[0].call
         sizes = [self._call_rows(p.call) for p in chunk]
         self.stats.model_calls += 1
         self.stats.rows += sum(sizes)
+        self._out[model] += 1
+        self._owners[model].update(p.call.owner for p in chunk if p.call.owner is not None)
         try:
             if len(chunk) == 1:  # nothing to merge: the values go as they are
-                outputs = [await self._execute(first.model, first.inputs, first.output_names)]
+                inputs = first.inputs
             else:
                 inputs = {name: self._concat(name, [p.call.inputs[name] for p in chunk])
                           for name in first.inputs}
-                merged = await self._execute(first.model, inputs, first.output_names)
-                parts = {name: self._split(name, merged[name], sizes) for name in first.output_names}
-                outputs = [{name: parts[name][i] for name in first.output_names}
-                           for i in range(len(chunk))]
-        except Exception as exc:  # every caller of this call gets the error
+            future = asyncio.ensure_future(self._send(model, inputs, first.output_names))
+        except Exception as exc:  # noqa: BLE001 -- every caller of this call gets the error
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        future.add_done_callback(lambda f: self._returned(model, chunk, sizes, f))
+
+    def _returned(self, model: str, chunk: list[_Pending], sizes: list[int],
+                  future: asyncio.Future) -> None:
+        self._out[model] -= 1
+        self._owners[model].subtract(p.call.owner for p in chunk if p.call.owner is not None)
+        try:
+            merged = future.result()
+            if len(chunk) == 1:
+                outputs = [merged]
+            else:
+                names = chunk[0].call.output_names
+                parts = {name: self._split(name, merged[name], sizes) for name in names}
+                outputs = [{name: parts[name][i] for name in names} for i in range(len(chunk))]
+        except BaseException as exc:  # noqa: BLE001 -- every caller of this call gets the error
             for p in chunk:
                 if not p.future.done():
                     p.future.set_exception(exc)
-            return
-        for p, out in zip(chunk, outputs):
-            if not p.future.done():
-                p.future.set_result(out)
-
-
-class Member:
-    """A membership handle: ``await m.run(calls)`` for each wave."""
-
-    def __init__(self, batcher: CallBatcher):
-        self._batcher = batcher
-
-    async def run(self, calls: Sequence[ModelCall]) -> list[Mapping]:
-        return await self._batcher.run(calls, member=self)
+        else:
+            for p, out in zip(chunk, outputs):
+                if not p.future.done():
+                    p.future.set_result(out)
+        self._flush(model)
 
 
 class Slots:

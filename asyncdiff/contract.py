@@ -320,18 +320,13 @@ class PipelineParams:
     # partition's N, S and batched stride it rebuilds the placement that says where each
     # call's outputs are consumed.
     gpus: tuple[int, ...] | None = None
-    # Requests in flight at once, their component calls batched (continuous batching at step
-    # granularity, in ``batch_cohorts`` groups); the components' max batch holds their rows.
+    # Requests in flight at once, their component calls batched (continuous batching per
+    # model, ``asyncdiff.batching``); the components' max batch holds their rows.
     max_batch_requests: int = 1
     # Requests that may wait for a batch slot; beyond that a request is refused as busy.
     max_queue_size: int = 16
     # max_batch_size of every model the pipeline calls: a batched call is split to fit.
     max_batch_sizes: Mapping[str, int] = field(default_factory=dict)
-    # Groups the requests in flight are split into, each stepping in lockstep on its own
-    # (``asyncdiff.batching``): with 2, one group's calls run while the pipeline works on the
-    # other's outputs and the faster component is not left waiting for the slower one;
-    # 1: every request in flight in one call per model and step.
-    batch_cohorts: int = 2
     # -- SDXL (asyncdiff.conditioning); an SD deployment leaves these at their defaults --------
     # "sd": text_encoder -> encoder_hidden_states. "sdxl": text_encoder and text_encoder_2 give
     # penultimate hidden states (concatenated on the last dim), text_encoder_2 also the pooled

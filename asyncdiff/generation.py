@@ -41,6 +41,7 @@ shift ``mu`` from the number of image tokens).
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -210,6 +211,7 @@ class ComponentCall:
     # Outer-ring warm-up: "front" (only the ring's first stages matter: its other inputs are
     # zeros and its noise prediction is not one; an executor may skip the back) or "back".
     section: str = "all"
+    lane: int = 0  # 1: the stride copy of the last component (its second instance with S=2)
 
 
 def latent_input(partition: Partition):
@@ -226,10 +228,13 @@ def latent_component(partition: Partition) -> int:
 class Generation:
     """A batch of requests advancing through one plan.
 
-    Sync driver: ``gen.run(execute)`` with ``execute(wave) -> [outputs per call]``;
-    async driver: ``await gen.run_async(execute)``.  An executor that runs only
-    some calls (a rank of the distributed runner) drives the steps itself with
-    ``calls``, ``record``, ``cache.receive*`` and ``advance`` (see ``run``).
+    Wave driver: ``gen.run(execute)`` with ``execute(wave) -> [outputs per call]``: every
+    call of a step, then the scheduler step.  Dataflow driver (``asyncdiff.dataflow``):
+    ``ready_calls()`` hands out each call as soon as its inputs exist, ``complete`` takes one
+    call's outputs, ``advance_ready`` runs the scheduler steps whose noise predictions are
+    in; both give the same latents.  An executor that runs only some calls (a rank of the
+    distributed runner) drives the steps itself with ``calls``, ``record``,
+    ``cache.receive*`` and ``advance`` (see ``run``).
 
     Without ``scheduler_config`` the generation only routes calls (no latents,
     no scheduler): pass ``timesteps`` and a ``sample`` to ``calls``.
@@ -325,6 +330,16 @@ class Generation:
         self._zeros: dict[str, Any] = {}
         self._input_step, self._input, self._sample = -1, None, None
         self._img2img = img2img
+        self._advanced = 0  # scheduler steps taken: the latents are those entering this step
+        self._lanes = _lanes(self.plan, batched_stride)
+        self._issued = dict.fromkeys(self._lanes, 0)  # per lane: units handed out
+        self._in_flight = dict.fromkeys(self._lanes, 0)
+        self._reads_latent = {c.index for c in partition.components
+                              if any(t.role == "latent" for t in c.inputs)}
+        # per step: units reading its latents not handed out yet (the scheduler step waits)
+        self._latent_readers = collections.Counter(
+            step for (component, _), units in self._lanes.items()
+            if component in self._reads_latent for step, _ in units)
 
     @property
     def steps(self) -> int:
@@ -392,6 +407,8 @@ class Generation:
         """Guidance and the scheduler step with ``step``'s noise prediction (taken from the cache)."""
         if self.scheduler is None:
             raise RuntimeError("this generation has no scheduler: it only routes calls")
+        if step != self._advanced:
+            raise RuntimeError(f"advance({step}): the latents are at step {self._advanced}")
         # fp32 whatever the components serve: some diffusers schedulers cast prev_sample to
         # the noise prediction's dtype, which would turn the latents fp16 for good.
         eps = self.from_executor(self.cache.noise_pred(step)).to(self.latents.dtype)
@@ -403,6 +420,56 @@ class Generation:
         self.latents = self.scheduler.step(eps, t, self.latents).prev_sample
         if not torch.isfinite(self.latents).all():  # an overflow would only end in a black image
             raise FloatingPointError(f"the latents are not finite after step {step} of {self.steps}")
+        self._advanced = step + 1
+
+    # -- dataflow ------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """Every scheduler step taken: ``latents`` are the result."""
+        return self._advanced == self.steps
+
+    def ready_calls(self, depth: int = 2) -> list[ComponentCall]:
+        """The calls whose inputs exist now, each handed out once, in plan order per lane.
+
+        A lane (a component, or the stride copy's instance) has at most ``depth`` calls out:
+        with 2, a component's next call can wait in its model's queue while the current one
+        runs, so the model goes from one to the next without a round trip through the
+        executor.  Component 0's call of step i waits for the latents of step i (the
+        scheduler step of i-1); every other call only for the activations it reads.
+        """
+        out = []
+        for lane, units in self._lanes.items():
+            while self._issued[lane] < len(units) and self._in_flight[lane] < depth:
+                step, positions = units[self._issued[lane]]
+                call = self.plan.steps[step].calls[positions[0]]
+                if not self.cache.has_inputs(call) or (
+                        call.component in self._reads_latent and step != self._advanced):
+                    break
+                self._issued[lane] += 1
+                self._in_flight[lane] += 1
+                if call.component in self._reads_latent:
+                    self._latent_readers[step] -= 1
+                st = self.plan.steps[step]
+                [issued] = self.calls(step, [(p, st.calls[p]) for p in positions])
+                issued.lane = lane[1]
+                out.append(issued)
+        return out
+
+    def complete(self, call: ComponentCall, outputs: Mapping[str, Any]) -> None:
+        """One call's outputs (a call from ``ready_calls``): its readers may go out next."""
+        self.record([call], [outputs])
+        self._in_flight[(call.component, call.lane)] -= 1
+
+    def advance_ready(self) -> list[int]:
+        """Every scheduler step whose noise prediction is in, in order; the steps taken.  A
+        step also waits until every call reading its latents is out (the last component's
+        prediction of step i does not depend on component 0's call of step i)."""
+        taken = []
+        while (self._advanced < self.steps and self.cache.has_noise_pred(self._advanced)
+               and not self._latent_readers[self._advanced]):
+            taken.append(self._advanced)
+            self.advance(self._advanced)
+        return taken
 
     # -- whole generation ----------------------------------------------------
     def run(self, execute: Callable[[list[ComponentCall]], Sequence[Mapping[str, Any]]]) -> torch.Tensor:
@@ -414,7 +481,7 @@ class Generation:
         return self.latents
 
     async def run_async(self, execute: Callable[[list[ComponentCall]], Awaitable[Sequence[Mapping]]]):
-        """``run`` with an awaitable wave executor (the Triton BLS)."""
+        """``run`` with an awaitable wave executor."""
         for i in range(self.steps):
             for wave in self.waves(i):
                 self.record(wave, await execute(wave))
@@ -527,6 +594,25 @@ class Generation:
             return guide(eps, scales[0])
         scale = torch.tensor(scales, dtype=eps.dtype, device=eps.device)
         return guide(eps, scale.reshape(-1, *[1] * (eps.dim() - 1)))
+
+
+def _lanes(plan, batched_stride: bool) -> dict[tuple[int, int], list[tuple[int, tuple[int, ...]]]]:
+    """(component, lane) -> its units in plan order: (step, positions), one position, or the
+    stride pair of a batched-stride round (one call on a doubled batch).  Lane 1 is the
+    stride copy's (the last component's second instance); every other call is lane 0."""
+    lanes: dict[tuple[int, int], list] = {}
+    for st in plan.steps:
+        positions = list(range(len(st.calls)))
+        if st.stride_copy:
+            copy = positions.pop()
+            if batched_stride:
+                positions[-1] = (positions[-1], copy)
+            else:
+                lanes.setdefault((st.calls[copy].component, 1), []).append((st.step, (copy,)))
+        for p in positions:
+            unit = p if isinstance(p, tuple) else (p,)
+            lanes.setdefault((st.calls[unit[0]].component, 0), []).append((st.step, unit))
+    return lanes
 
 
 def _merge(a: ComponentCall, b: ComponentCall) -> ComponentCall:  # never a ring warm-up call

@@ -85,8 +85,8 @@ TINY_MAX_BATCH = 16
 
 
 def export_tiny(components: int, out: Path) -> Path:
-    """The tiny model exported for N=``components`` (onnxruntime, ``TINY_MAX_BATCH``, the
-    default two batch cohorts), kept in ``out``."""
+    """The tiny model exported for N=``components`` (onnxruntime, ``TINY_MAX_BATCH``), kept in
+    ``out``."""
     if (out / MODEL_NAME / "config.pbtxt").is_file():
         return out
     partial = out.with_name(out.name + ".partial")

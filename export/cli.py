@@ -71,7 +71,6 @@ class ExportOptions:
     defaults: Request = field(default_factory=Request)  # what the server applies to omitted inputs
     component_timeout_s: float = PARAM_DEFAULTS["component_timeout_s"]
     max_queue_size: int = 16  # requests waiting beyond those in flight; more get "server busy"
-    batch_cohorts: int = PARAM_DEFAULTS["batch_cohorts"]  # lockstep groups of the requests in flight
     layout: str = "sequential"  # or "outer_ring" (the paper's SDXL split)
     # Request defaults to take from the pipeline folder (its scheduler, its family's guidance)
     # instead of ``defaults``: the CLI lists those the user did not give.
@@ -550,8 +549,6 @@ def _check_options(opts: ExportOptions) -> None:
         raise ValueError(f"--component-timeout-s must be > 0, got {opts.component_timeout_s}")
     if opts.max_queue_size < 0:
         raise ValueError(f"--max-queue-size must be >= 0, got {opts.max_queue_size}")
-    if opts.batch_cohorts < 1:
-        raise ValueError(f"--batch-cohorts must be >= 1, got {opts.batch_cohorts}")
     check_loras(opts.loras, opts.model)  # missing paths, a model that is no pipeline folder
     try:  # the defaults must be a valid request once a prompt is given
         dataclasses.replace(opts.defaults, prompt=opts.defaults.prompt or "x").validate()
@@ -665,7 +662,6 @@ def _write_pipeline(opts, out: Path, part, source: Source, h: int, w: int,
         component_timeout_s=opts.component_timeout_s, device=place.device(place.pipeline_rank),
         dtypes=served_dtypes(part, artifacts), gpus=place.gpus,
         max_batch_requests=opts.max_batch_requests, max_queue_size=opts.max_queue_size,
-        batch_cohorts=opts.batch_cohorts,
         max_batch_sizes={a.name: _max_batch_of(opts, a.name) for a in artifacts},
         resolutions=resolutions)
     params = dataclasses.replace(params, **conditioning_params(source, part),
@@ -818,10 +814,6 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
     p.add_argument("--max-queue-size", type=int, default=16,
                    help="requests that may wait beyond those in flight; more are rejected "
                    "as UNAVAILABLE (server busy) (default: %(default)s)")
-    p.add_argument("--batch-cohorts", type=int, default=PARAM_DEFAULTS["batch_cohorts"],
-                   help="groups the requests in flight step in, each in lockstep; 2 overlaps "
-                   "one group's model calls with the pipeline's work on the other's "
-                   "(default: %(default)s)")
     p.add_argument("--layout", default="sequential", choices=("sequential", "outer-ring"),
                    help="outer-ring: the last component holds the first and the last stages "
                    "(the paper's SDXL split)")
@@ -854,7 +846,7 @@ def parse_args(argv: list[str] | None = None) -> ExportOptions:
         gpus=gpus, batched_stride=a.batched_stride, cuts=cuts, cost=a.cost,
         build_engines=a.build_engines, overwrite=a.overwrite, progress=not a.no_progress,
         validate=not a.no_validate, component_timeout_s=a.component_timeout_s,
-        max_queue_size=a.max_queue_size, batch_cohorts=a.batch_cohorts, layout=a.layout, folder_defaults=from_folder,
+        max_queue_size=a.max_queue_size, layout=a.layout, folder_defaults=from_folder,
         loras=tuple(LoraSpec.parse(x) for x in a.lora),
         defaults=Request(**{f.field: getattr(a, f.field) for f in INPUTS
                             if not f.required and f"--{f.field}" not in SIZE_FLAGS}),

@@ -97,7 +97,7 @@ def python_model_config(
     gpus: Sequence[int] | None = None,
     count: int = 1,
     dynamic_batching: bool = False,
-    max_queue_delay_us: int = 100,
+    max_queue_delay_us: int = 0,
     parameters: Mapping[str, str] | None = None,
 ) -> mc.ModelConfig:
     """A model run by the Python backend or a Python-based backend (e.g. the BLS)."""
@@ -122,7 +122,7 @@ def component_model_config(
     gpus: Sequence[int] | None = None,
     count: int = 1,
     dynamic_batching: bool = True,
-    max_queue_delay_us: int = 100,
+    max_queue_delay_us: int = 0,
 ) -> mc.ModelConfig:
     """One network served by ``backends/asyncdiff_component/model.py``.
 
@@ -156,7 +156,7 @@ def tensorrt_model_config(
     max_batch_size: int = 0,
     count: int = 1,
     dynamic_batching: bool = False,
-    max_queue_delay_us: int = 100,
+    max_queue_delay_us: int = 0,
     plan_file: str = "model.plan",
     cuda_graphs: bool = False,
     profiles: int = 1,
@@ -254,6 +254,9 @@ def _instance_group(kind: InstanceKind, gpus: Sequence[int] | None,
 
 
 def _enable_dynamic_batching(config: mc.ModelConfig, max_queue_delay_us: int) -> None:
+    """Dynamic batching that waits ``max_queue_delay_us`` for company (default 0: the
+    pipeline merges the requests' calls itself, and a lone call should not wait)."""
     if config.max_batch_size == 0:
         raise ValueError("dynamic_batching needs max_batch_size > 0")
+    config.dynamic_batching.SetInParent()
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us

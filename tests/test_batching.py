@@ -1,4 +1,5 @@
-"""CallBatcher: one call per model per tick across a cohort's callers, rows split back to each."""
+"""CallBatcher: a call goes out at once while its model has room; what waits merges into one
+call when the model returns one, rows split back to each caller."""
 
 from __future__ import annotations
 
@@ -8,80 +9,145 @@ import pytest
 import torch
 
 from asyncdiff.batching import CallBatcher, ModelCall, Slots
-from asyncdiff.generation import Generation
-from asyncdiff.contract import Request
-from asyncdiff.partition import partition_unet
 from asyncdiff.components import build_components
+from asyncdiff.contract import Request
+from asyncdiff.dataflow import denoise
+from asyncdiff.generation import Generation
+from asyncdiff.partition import partition_unet
 
 
-class Recorder:
-    """An executor that doubles its input and records each call's model and rows."""
+class Model:
+    """An executor that doubles its input, records each call's model and rows, and answers
+    only when the test says so (``release``), as a busy model would."""
 
     def __init__(self, fail: str | None = None):
         self.calls: list[tuple[str, int]] = []
+        self.waiting: list[tuple[asyncio.Future, dict]] = []
         self.fail = fail
 
-    async def __call__(self, model, inputs, outputs):
+    def __call__(self, model, inputs, outputs):
         x = inputs["x"]
         self.calls.append((model, x.shape[0]))
-        await asyncio.sleep(0)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((future, {"y": x * 2}))
         if model == self.fail:
-            raise RuntimeError(f"{model} failed")
-        return {"y": x * 2}
+            self.waiting[-1] = (future, RuntimeError(f"{model} failed"))
+        return future
+
+    async def release(self, n=None):
+        """Answer the first ``n`` calls out (all), then let their callbacks run."""
+        n = len(self.waiting) if n is None else n
+        answered, self.waiting = self.waiting[:n], self.waiting[n:]
+        for future, result in answered:
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        for _ in range(3):
+            await asyncio.sleep(0)
 
 
-def batcher(executor, **kw):
-    return CallBatcher(executor, rows=lambda t: t.shape[0], concat=lambda _, ts: torch.cat(ts),
+def batcher(model, **kw):
+    return CallBatcher(model, rows=lambda t: t.shape[0], concat=lambda _, ts: torch.cat(ts),
                        split=lambda _, t, sizes: list(torch.split(t, sizes)), **kw)
 
 
-def call(model, rows, value):
-    return ModelCall(model, {"x": torch.full((rows, 1), float(value))}, ["y"])
+def call(model, rows, value, width=1):
+    return ModelCall(model, {"x": torch.full((rows, width), float(value))}, ["y"])
 
 
-async def member_loop(b, waves):
-    """A generation-like caller: its waves one after another, inside a membership."""
-    out = []
-    async with b.member() as m:
-        for wave in waves:
-            out.append(await m.run(wave))
-    return out
-
-
-def test_members_waves_are_merged_per_model_and_split_back():
-    rec = Recorder()
+def test_a_call_goes_out_at_once_and_what_waited_goes_out_as_one_call():
+    model = Model()
 
     async def main():
-        b = batcher(rec)
-        a = member_loop(b, [[call("c0", 2, 1), call("c1", 2, 10)], [call("c0", 2, 2)]])
-        c = member_loop(b, [[call("c0", 2, 3)], [call("c0", 2, 4), call("c1", 2, 40)]])
-        results = await asyncio.gather(a, c)
-        await b.close()
-        return b, results
+        b = batcher(model, depth=1)
+        first = b.submit(call("c0", 2, 1))
+        assert model.calls == [("c0", 2)]  # sent from inside submit: nothing to wait for
+        later = [b.submit(call("c0", 2, v)) for v in (2, 3)] + [b.submit(call("c1", 2, 4))]
+        assert model.calls == [("c0", 2), ("c1", 2)] and b.waiting("c0") == 2
+        await model.release(1)  # c0's first call returns: the two that waited go as one
+        assert model.calls[-1] == ("c0", 4) and b.waiting("c0") == 0
+        await model.release()
+        return [await f for f in [first] + later], b.stats
 
-    b, (ra, rc) = asyncio.run(main())
-    # Tick 1: c0 [a, c] and c1 [a]; tick 2: c0 [a, c] and c1 [c].
-    assert sorted(rec.calls) == sorted([("c0", 4), ("c1", 2), ("c0", 4), ("c1", 2)])
-    assert [float(o["y"][0]) for o in ra[0]] == [2.0, 20.0] and float(ra[1][0]["y"][0]) == 4.0
-    assert float(rc[0][0]["y"][0]) == 6.0 and [float(o["y"][0]) for o in rc[1]] == [8.0, 80.0]
-    assert all(o["y"].shape == (2, 1) for wave in ra + rc for o in wave)
-    assert (b.stats.ticks, b.stats.requested_calls, b.stats.model_calls, b.stats.rows) == (2, 6, 4, 12)
+    outs, stats = asyncio.run(main())
+    assert [float(o["y"][0]) for o in outs] == [2.0, 4.0, 6.0, 8.0]
+    assert all(o["y"].shape == (2, 1) for o in outs)
+    assert (stats.requested_calls, stats.model_calls, stats.rows) == (4, 3, 8)
 
 
-def test_calls_of_different_shapes_share_a_tick_not_a_call():
-    rec = Recorder()
+def test_a_callers_next_call_queues_behind_its_last_unless_others_wait():
+    model = Model()
+
+    def own(owner, value):
+        return ModelCall("c0", {"x": torch.full((2, 1), float(value))}, ["y"], owner)
 
     async def main():
-        b = batcher(rec, signature=lambda t: tuple(t.shape[1:]))
-        small = ModelCall("c0", {"x": torch.ones(2, 1)}, ["y"])
-        wide = ModelCall("c0", {"x": torch.ones(2, 3)}, ["y"])
-        out = await asyncio.gather(b.run([small]), b.run([wide]), b.run([small]))
-        await b.close()
-        return out
+        b = batcher(model)  # depth 2
+        a = [b.submit(own("A", 0)), b.submit(own("A", 1))]
+        assert model.calls == [("c0", 2), ("c0", 2)]  # A's second call queues in the model
+        later = [b.submit(own("B", 2)), b.submit(own("A", 3))]  # B waits, so A's third does
+        assert len(model.calls) == 2 and b.waiting("c0") == 2
+        await model.release(1)
+        assert len(model.calls) == 2  # A's second call is still out
+        await model.release(1)
+        assert model.calls[-1] == ("c0", 4)  # B and A's third as one call
+        await model.release()
+        return [float((await f)["y"][0]) for f in a + later]
 
-    out = asyncio.run(main())
-    assert sorted(rec.calls) == [("c0", 2), ("c0", 4)]  # the two [2, 1] calls merged
-    assert [o[0]["y"].shape for o in out] == [(2, 1), (2, 3), (2, 1)]
+    assert asyncio.run(main()) == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_calls_of_different_shapes_share_a_model_not_a_call():
+    model = Model()
+
+    async def main():
+        b = batcher(model, depth=1, signature=lambda t: tuple(t.shape[1:]))
+        busy = b.submit(call("c0", 2, 0))
+        out = [b.submit(call("c0", 2, 1)), b.submit(call("c0", 2, 2, width=3)),
+               b.submit(call("c0", 2, 3))]
+        for _ in range(3):
+            await model.release()
+        await busy
+        return [(await f)["y"].shape for f in out]
+
+    assert asyncio.run(main()) == [(2, 1), (2, 3), (2, 1)]
+    assert model.calls == [("c0", 2), ("c0", 4), ("c0", 2)]  # the two [2, 1] calls merged
+
+
+def test_what_waited_is_cut_to_the_max_batch_and_instances_add_slots():
+    model = Model()
+
+    async def main():
+        b = batcher(model, depth=1, max_rows={"c0": 4}, instances={"c1": 2})
+        [b.submit(call("c0", 2, 0))] + [b.submit(call("c0", 2, v)) for v in range(3)]
+        await model.release(1)
+        c1 = [b.submit(call("c1", 2, v)) for v in range(6)]  # 2 go out, 4 wait
+        assert model.calls[-2:] == [("c1", 2), ("c1", 2)]
+        await model.release()
+        await model.release()
+        return c1
+
+    asyncio.run(main())
+    # 6 rows waited for c0, at most 4 per call (the second when the model has room again)
+    assert [rows for m, rows in model.calls if m == "c0"] == [2, 4, 2]
+    # two instances: two calls out at once; the 4 that waited go to the first one free
+    assert [rows for m, rows in model.calls if m == "c1"] == [2, 2, 8]
+
+
+def test_an_error_reaches_every_caller_of_that_call_only():
+    model = Model(fail="bad")
+
+    async def main():
+        b = batcher(model, depth=1)
+        calls = [b.submit(call("bad", 2, v)) for v in (1, 2)] + [b.submit(call("good", 2, 3))]
+        await model.release()
+        await model.release()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    a, c, good = asyncio.run(main())
+    assert isinstance(a, RuntimeError) and isinstance(c, RuntimeError)
+    assert float(good["y"][0]) == 6.0
 
 
 def test_slots_are_taken_k_at_a_time_in_arrival_order():
@@ -117,106 +183,11 @@ def test_slots_are_taken_k_at_a_time_in_arrival_order():
     assert asyncio.run(main()) == (["a", "b", "c"], 4, 0)
 
 
-def test_a_tick_waits_for_every_member():
-    """A member still computing holds the tick back, so its call joins the others."""
-    rec = Recorder()
 
-    async def slow_member(b):
-        async with b.member() as m:
-            for _ in range(3):  # "CPU work" between joining and its first wave
-                await asyncio.sleep(0)
-            return await m.run([call("c0", 2, 5)])
-
-    async def main():
-        b = batcher(rec)
-        await asyncio.gather(member_loop(b, [[call("c0", 2, 1)]]), slow_member(b))
-        await b.close()
-
-    asyncio.run(main())
-    assert rec.calls == [("c0", 4)]
-
-
-def test_cohorts_step_apart_and_a_cohort_does_not_wait_for_the_other():
-    """Four members in two cohorts (joined alternately): while member 1 (cohort 1) is still
-    computing, cohort 0's tick goes out without it; one cohort's tick is in flight while the
-    other fires. With one cohort, the same members make one call."""
-
-    def run(cohorts):
-        in_flight, most, calls = 0, 0, []
-
-        async def execute(model, inputs, outputs):
-            nonlocal in_flight, most
-            calls.append((model, inputs["x"][:, 0].tolist()))
-            in_flight += 1
-            most = max(most, in_flight)
-            await asyncio.sleep(0.01)
-            in_flight -= 1
-            return {"y": inputs["x"] * 2}
-
-        async def member(b, value, delay):
-            async with b.member() as m:
-                await asyncio.sleep(delay)  # "CPU work" before its wave
-                return (await m.run([call("c0", 1, value)]))[0]["y"].item()
-
-        async def main():
-            b = batcher(execute, cohorts=cohorts)
-            out = await asyncio.gather(*(member(b, v, 0.005 if v == 1 else 0) for v in range(4)))
-            await b.close()
-            return out
-
-        return asyncio.run(main()), calls, most
-
-    out, calls, most = run(2)
-    assert out == [0.0, 2.0, 4.0, 6.0]
-    assert calls == [("c0", [0.0, 2.0]), ("c0", [3.0, 1.0])] and most == 2  # rows as submitted
-    out, calls, most = run(1)
-    assert out == [0.0, 2.0, 4.0, 6.0] and calls == [("c0", [0.0, 2.0, 3.0, 1.0])] and most == 1
-    with pytest.raises(ValueError, match="cohorts"):
-        batcher(Recorder(), cohorts=0)
-
-
-def test_groups_over_the_models_max_batch_are_split_and_repeats_can_stay_lanes():
-    rec = Recorder()
-
-    async def main():
-        b = batcher(rec, max_rows={"c0": 4})
-        await asyncio.gather(*(member_loop(b, [[call("c0", 2, i)]]) for i in range(3)))
-        lanes = batcher(rec, separate_repeats=True)
-        await asyncio.gather(member_loop(lanes, [[call("c1", 2, 1), call("c1", 2, 2)]]),
-                             member_loop(lanes, [[call("c1", 2, 3), call("c1", 2, 4)]]))
-        merged = batcher(rec)
-        await member_loop(merged, [[call("c1", 2, 1), call("c1", 2, 2)]])
-        for x in (b, lanes, merged):
-            await x.close()
-
-    asyncio.run(main())
-    assert rec.calls[:2] == [("c0", 4), ("c0", 2)]  # 6 rows, at most 4 per call
-    assert rec.calls[2:4] == [("c1", 4), ("c1", 4)]  # lane 0 and lane 1, each across callers
-    assert rec.calls[4:] == [("c1", 4)]  # batched stride: the pair as one call
-
-
-def test_an_error_reaches_every_caller_of_that_call_only():
-    rec = Recorder(fail="bad")
-
-    async def main():
-        b = batcher(rec)
-        results = await asyncio.gather(member_loop(b, [[call("bad", 2, 1)]]),
-                                       member_loop(b, [[call("bad", 2, 2)]]),
-                                       member_loop(b, [[call("good", 2, 3)]]),
-                                       return_exceptions=True)
-        await b.close()
-        return results
-
-    a, c, good = asyncio.run(main())
-    assert isinstance(a, RuntimeError) and isinstance(c, RuntimeError)
-    assert float(good[0][0]["y"][0]) == 6.0
-
-
-@pytest.mark.parametrize("cohorts", [1, 2])
-def test_generations_batched_together_equal_each_alone(small_unets, cohorts):
+def test_generations_batched_together_equal_each_alone(small_unets):
     """Three generations with different steps, schedulers and seeds through one batcher
-    (torch components; one or two cohorts) give the latents each gives alone, to
-    batched-kernel precision."""
+    (torch components, dataflow dispatch) give the latents each gives alone, to
+    batched-kernel precision, in fewer model calls."""
     unet = small_unets["sd15"]
     part = partition_unet(unet, 2, model="sd15", height=16, width=16)
     comps = build_components(unet, part)
@@ -226,28 +197,23 @@ def test_generations_batched_together_equal_each_alone(small_unets, cohorts):
     reqs = [Request("x", seed=1, steps=4), Request("x", seed=2, steps=6, scheduler="euler"),
             Request("x", seed=3, steps=5, warmup=2, guidance_scale=5.0)]
 
-    async def execute(model, inputs, outputs):
+    async def send(model, inputs, outputs):
+        await asyncio.sleep(0.002)  # the model is busy a while: others' calls queue meanwhile
         k = int(model.rsplit("_", 1)[1])
         with torch.no_grad():
             return comps[k].run(dict(inputs))
 
     async def generate(b, req):
         gen = Generation(part, [req], {"encoder_hidden_states": text}, config)
-        async with b.member() as m:
-            for i in range(gen.steps):
-                for wave in gen.waves(i):
-                    gen.record(wave, await m.run(wave))
-                gen.advance(i)
-        return gen.latents
+        return await denoise(gen, lambda c: b.submit(ModelCall(c.model, c.inputs, c.output_names, gen)))
 
     async def main(together):
-        b = CallBatcher(execute, rows=lambda t: t.shape[0], concat=lambda _, ts: torch.cat(ts),
-                        split=lambda _, t, sizes: list(torch.split(t, sizes)), cohorts=cohorts)
+        b = CallBatcher(send, rows=lambda t: t.shape[0], concat=lambda _, ts: torch.cat(ts),
+                        split=lambda _, t, sizes: list(torch.split(t, sizes)))
         if together:
             out = await asyncio.gather(*(generate(b, r) for r in reqs))
         else:
             out = [await generate(b, r) for r in reqs]
-        await b.close()
         return out, b.stats
 
     alone, alone_stats = asyncio.run(main(False))

@@ -48,6 +48,24 @@ def test_projection_parts_and_transfer_cost():
     assert project(plan, place, [0.6, 0.4], denoiser_cost=0.9).sequential == pytest.approx(9.0)
 
 
+def test_host_cost_is_paid_per_warm_up_call_and_per_round_on_the_chain():
+    """Host 0.1 per call: a warm-up step pays it per call; a round costs the larger of the
+    busiest device and the mean load plus the host (the 0 -> 1 -> scheduler chain spans N
+    rounds); the sequential baseline pays it per step."""
+    plan, place = make_plan(10, 2, 1, 2), Placement(2, 1)
+    p = project(plan, place, [0.6, 0.4], host_cost=0.1)
+    assert p.round_cost == pytest.approx(0.6)  # 0.6 > (0.6 + 0.4) / 2 + 0.1
+    assert p.asynchronous == pytest.approx(2 * (1.0 + 2 * 0.1) + 8 * 0.6)
+    assert p.sequential == pytest.approx(10 * 1.1)
+    balanced_cut = project(plan, place, [0.5, 0.5], host_cost=0.1)
+    assert balanced_cut.round_cost == pytest.approx(0.6)  # the chain: 0.5 + 0.1
+    assert balanced_cut.asynchronous == pytest.approx(p.asynchronous)  # no cut beats the chain
+    assert project(plan, place, [0.5, 0.5], host_cost=0.1).speedup < \
+        project(plan, place, [0.5, 0.5]).speedup
+    with pytest.raises(ValueError, match="costs must be >= 0"):
+        project(plan, place, [0.5, 0.5], host_cost=-1.0)
+
+
 def test_bad_costs_are_rejected():
     plan = make_plan(5, 2, 1, 1)
     with pytest.raises(ValueError, match="plan has 2 components, placement 3, costs 2"):

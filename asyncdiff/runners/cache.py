@@ -5,8 +5,16 @@ torch.distributed runner and the Triton BLS model route activations with the
 same code.  A *wave* is a set of calls that may run concurrently: a warm-up
 step is N waves of one call (each reads the previous call's fresh output), a
 compute step is one wave of all its calls, a communication-only step has no
-wave.  Outputs of a wave are published only after the whole wave, so every
-call of an asynchronous step reads the previous round's values.
+wave.
+
+Values are versioned by the step that produced them, and every call reads the
+version its plan names (``Call.reads_step``), so an executor may record a
+call's outputs as soon as it finishes, before the other calls of its round have
+read the previous version (dataflow dispatch, ``asyncdiff.dataflow``). A
+producer runs at most N rounds ahead of the slowest reader of its outputs: a
+component's call needs its upstream neighbour's output of the previous round,
+and component 0 needs the latents, which wait for the last component. So the
+newest ``N + 1`` versions of a tensor are kept and older ones dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ class ActivationCache:
                              f"{partition.layout!r} partition (make_plan(..., ring=...))")
         self.partition = partition
         self.plan = plan
-        self.values: dict[str, tuple[int, Any]] = {}  # tensor name -> (step produced, value)
+        self.values: dict[str, dict[int, Any]] = {}  # tensor name -> {step produced: value}
+        self.keep = plan.components + 1  # versions kept per tensor (see the module docstring)
         self.eps: dict[tuple[int, int, int], Any] = {}  # (component, timestep index, step) -> noise_pred
 
     def waves(self, step: int) -> list[list[tuple[int, Call]]]:
@@ -51,14 +60,23 @@ class ActivationCache:
             if t.role == "latent":
                 out[t.name] = latent
             elif t.producer is not None and call.section != "front":
-                produced, value = self.values[t.name]
-                if produced != call.reads_step:
+                versions = self.values.get(t.name, {})
+                if call.reads_step not in versions:
                     raise RuntimeError(
                         f"step {step}: {spec.name} must read {t.name} from step {call.reads_step}, "
-                        f"cache holds step {produced}"
+                        f"cache holds steps {sorted(versions)}"
                     )
-                out[t.name] = value
+                out[t.name] = versions[call.reads_step]
         return out
+
+    def has_inputs(self, call: Call) -> bool:
+        """Whether every activation ``call`` reads is recorded (the latent and the
+        conditioning are the executor's to check)."""
+        if call.section == "front":
+            return True
+        spec = self.partition.components[call.component]
+        return all(call.reads_step in self.values.get(t.name, ())
+                   for t in spec.inputs if t.producer is not None and t.role != "latent")
 
     def record(self, step: int, position: int, outputs: dict[str, Any]) -> None:
         """Store a finished call's outputs; a stride copy only contributes its noise prediction."""
@@ -69,11 +87,21 @@ class ActivationCache:
         if position < len(st.main_calls):
             for name, value in outputs.items():
                 if name != NOISE_PRED:
-                    self.values[name] = (step, value)
+                    self._store(name, step, value)
 
     def receive(self, name: str, produced_step: int, value: Any) -> None:
         """Hand over an activation computed elsewhere (another rank) at ``produced_step``."""
-        self.values[name] = (produced_step, value)
+        self._store(name, produced_step, value)
+
+    def has_noise_pred(self, step: int) -> bool:
+        src = self.plan.steps[step].eps
+        return (src.component, src.timestep_index, src.computed_at_step) in self.eps
+
+    def _store(self, name: str, step: int, value: Any) -> None:
+        versions = self.values.setdefault(name, {})
+        versions[step] = value
+        if len(versions) > self.keep:
+            del versions[min(versions)]
 
     def receive_noise_pred(self, step: int, value: Any) -> None:
         """Hand over ``step``'s noise prediction computed elsewhere."""

@@ -283,7 +283,7 @@ def _names(items):
 
 
 def _stack(feeds_list, batching, io):
-    if not batching:
+    if not batching or len(feeds_list) == 1:  # one request: its arrays as they are
         return feeds_list[0]
     return {name: io.concat([feeds[name] for feeds in feeds_list]) for name in feeds_list[0]}
 
@@ -300,6 +300,8 @@ def _split(outputs, sizes, io):
     for name, value in outputs.items():
         if value.shape[0] != total:
             raise ValueError(f"output {name!r} has batch {value.shape[0]}; expected {total}")
+    if len(sizes) == 1:  # one request: the outputs as they are
+        return [outputs]
     pieces = {name: io.split(value, sizes) for name, value in outputs.items()}
     return [{name: pieces[name][i] for name in outputs} for i in range(len(sizes))]
 

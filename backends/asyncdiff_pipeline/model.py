@@ -20,19 +20,27 @@ FLUX's (``flux_conditioning`` and ``flux_ids``, as in-process): one row per imag
 no CFG (``FLUX_DENOISING``: packed latents, sigmas with the dynamic shift of the
 image size, GUIDANCE_SCALE into the guidance embedding), ``text_encoder``'s (CLIP)
 pooled output and ``text_encoder_2``'s (T5) states; NEGATIVE_PROMPT is refused.
-Every model call goes through one ``CallBatcher`` (``asyncdiff.batching``):
-the requests in flight step in ``batch_cohorts`` lockstep groups, and the calls
-of one group that reach a model in the same wave go out as ONE call on their
-concatenated rows (continuous batching: a request joins at its next step,
-leaves after its last; with two groups, one group's calls run while this
-model works on the other's outputs). Responses: one progress
-response per step (STEP = [done, total], PREVIEW every PREVIEW_EVERY steps),
-then the final one (IMAGE, LATENTS, STEP). A request whose client has gone is
-stopped at the next step boundary and frees its slot.
+The denoising loop is the dataflow driver (``asyncdiff.dataflow``): a component's
+call goes out as soon as its inputs exist, the scheduler step runs while
+components 1..N-1 compute, and only component 0 waits for it. Every model call
+goes through one ``CallBatcher`` (``asyncdiff.batching``): it is sent at once
+while its model has room (one call running and one waiting per instance), and
+the calls that found the model full go out as ONE call on their concatenated
+rows when it has room again (continuous batching across requests). Responses,
+for a caller that asks for STEP or PREVIEW: one progress response per step
+(STEP = [done, total], PREVIEW every PREVIEW_EVERY steps), then the final one
+(IMAGE, LATENTS, STEP). A request whose client has gone is stopped at the next
+step boundary and frees its slot.
+
+The model runs its own event loop on a thread of its own and ``execute`` only
+hands each request to it: an ``async def execute`` of a decoupled model is tracked
+by the stub as a background future, and one that returns at once races the stub's
+bookkeeping ("Cannot remove future from background; KeyError" in the server log).
 
 The unary ``asyncdiff`` model (backend ``asyncdiff_unary``) forwards to this
-one; it cancels a forwarded request by sending a request with the parameter
-``cancel`` = that request's id.
+one, asking for the final outputs only (no progress responses); it cancels a
+forwarded request by sending a request with the parameter ``cancel`` = that
+request's id.
 
 Activations are never converted unless two requests' calls are merged: a
 component's output tensor is named like the input it feeds, so the response
@@ -49,6 +57,8 @@ stay host tensors. On the CPU no call states a preferred memory.
 import asyncio
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -56,6 +66,7 @@ import triton_python_backend_utils as pb_utils
 
 from asyncdiff import img2img
 from asyncdiff.batching import CallBatcher, ModelCall, Slots
+from asyncdiff.dataflow import denoise
 from asyncdiff.conditioning import (
     FLUX, FLUX_PATCH, SD, SD3, SDXL, TEXT_STATES, cfg_token_ids_each, check_no_negative_prompt,
     conditioning_kind, denoiser_conditioning, flux_conditioning, flux_ids, flux_token_ids,
@@ -80,6 +91,10 @@ HOST_INPUTS = ("timestep", "guidance")  # a few bytes: a GPU copy would cost mor
 ROW_SCALARS = ("timestep", "guidance")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEAD_STUB = "is not healthy"  # the python backend's error for a model whose stub died
+PROGRESS = ("STEP", "PREVIEW")  # outputs only progress responses carry
+# Each BLS call holds an executor thread until its answer (async_exec runs the blocking call
+# there); the default pool (cores + 4) would hold back calls that are ready to go.
+BLS_THREADS = 64
 
 
 class ComponentError(RuntimeError):
@@ -150,20 +165,25 @@ class TritonPythonModel:
         self.memory = {c.name: _memory(gpu) for c, gpu in zip(part.components,
                                                               place.output_gpus(part.components))}
         self.pipeline_memory = _memory(place.output_gpu())
-        self.batcher = CallBatcher(self._infer, rows=lambda t: t.shape()[0], concat=self._concat,
+        # the last component of a plain S=2 deployment has a second instance (the stride copy)
+        instances = ({part.components[-1].name: 2}
+                     if part.stride == 2 and not part.batched_stride else {})
+        self.batcher = CallBatcher(self._send, rows=lambda t: t.shape()[0], concat=self._concat,
                                    split=self._split, max_rows=p.max_batch_sizes,
-                                   separate_repeats=part.stride == 2 and not part.batched_stride,
-                                   signature=lambda t: tuple(t.shape()[1:]),
-                                   cohorts=p.batch_cohorts)
+                                   instances=instances, signature=lambda t: tuple(t.shape()[1:]))
         self.slots = Slots(p.max_batch_requests)  # one per image in flight
         self.vae_scale = p.image_shape[0] // p.latent_shape[1]  # pixels per latent cell
         self.running: set[str] = set()  # request ids in flight
         self.cancelled: set[str] = set()  # ... whose forwarder asked to stop
-        self.tasks: set[asyncio.Task] = set()
-        self.orphans = set()  # component calls that timed out but are still running in Triton
+        self.tasks: set[asyncio.Future] = set()
         self.reloads: dict[str, asyncio.Future] = {}  # models being reloaded after a crash
         torch.set_num_threads(1)  # the components, not the orchestrator, need the cores
         self._warm_up()
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(ThreadPoolExecutor(BLS_THREADS, "asyncdiff-bls"))
+        self.thread = threading.Thread(target=self.loop.run_forever, name="asyncdiff-engine",
+                                       daemon=True)
+        self.thread.start()
 
     def _warm_up(self):
         """Pay the first request's one-time costs at load: importing diffusers' schedulers (the
@@ -184,16 +204,18 @@ class TritonPythonModel:
             return flux_token_ids(self.tokenizers, req, self.text_tokens)
         return cfg_token_ids_each(self.tokenizers, req)
 
-    async def execute(self, requests):
+    def execute(self, requests):
         for request in requests:  # decoupled: answered through each request's response sender
-            task = asyncio.ensure_future(self._serve(request))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            future = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            self.tasks.add(future)
+            future.add_done_callback(self.tasks.discard)
         return None
 
     def finalize(self):
-        for task in list(self.tasks):
-            task.cancel()
+        for future in list(self.tasks):
+            future.cancel()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
         self.tokenizers = None
 
     # -- one request ---------------------------------------------------------
@@ -268,25 +290,30 @@ class TritonPythonModel:
         start = {} if init_image is None else await self._init_latents(init_image, rows)
         gen = Generation(self.partition, rows, conditioning, self.scheduler_config,
                          device=self.device, latent_size=latent_size, to_executor=self._to_triton,
-                         from_executor=self._noise_pred, denoising=self.denoising, **start)
+                         from_executor=self._noise_pred, denoising=self.denoising,
+                         batched_stride=self.partition.batched_stride, **start)
+        progress = _Progress(sender, outputs) if outputs & set(PROGRESS) else None
+
+        def on_step(i):  # after the scheduler step of step i
+            done = i + 1
+            if done == gen.steps:
+                return
+            self._check_cancelled(request, done, forwarded)
+            if progress is not None:
+                preview = None
+                if preview_every and done % preview_every == 0 and "PREVIEW" in outputs:
+                    # the first image's current estimate, decoded while denoising goes on
+                    preview = asyncio.ensure_future(self._decode(gen.latents[:1], size))
+                progress.send(done, gen.steps, preview)
+
         sent: set[int] = set()
-        async with self.batcher.member() as member:  # await nothing but member.run in here
-            for i in range(gen.steps):
-                self._check_cancelled(request, i, forwarded)
-                for wave in gen.waves(i):
-                    gen.record(wave, await member.run(_fresh(wave, sent)))
-                gen.advance(i)
-                progress = [pb_utils.Tensor("STEP", np.array([i + 1, gen.steps], np.int32))]
-                if preview_every and (i + 1) % preview_every == 0 and i + 1 < gen.steps \
-                        and "PREVIEW" in outputs:  # the first image's current estimate
-                    preview = await self._decode(gen.latents[:1], size, member)
-                    progress.append(pb_utils.Tensor("PREVIEW", preview[0]))
-                if i + 1 < gen.steps:
-                    sender.send(pb_utils.InferenceResponse(
-                        output_tensors=[t for t in progress if t.name() in outputs]))
-        images = await self._decode(gen.latents, size)
+        latents = await denoise(gen, lambda call: self.batcher.submit(_fresh(call, sent, gen)),
+                                on_step)
+        if progress is not None:
+            await progress.flush()  # a preview still decoding goes out before the image
+        images = await self._decode(latents, size)
         final = [pb_utils.Tensor("IMAGE", images),
-                 pb_utils.Tensor("LATENTS", gen.latents.cpu().numpy().astype(np.float32)),
+                 pb_utils.Tensor("LATENTS", latents.cpu().numpy().astype(np.float32)),
                  pb_utils.Tensor("STEP", np.array([gen.steps, gen.steps], np.int32))]
         return pb_utils.InferenceResponse(output_tensors=[t for t in final if t.name() in outputs])
 
@@ -362,13 +389,12 @@ class TritonPythonModel:
                                               [r.seed for r in rows], self.params.vae_scaling_factor)
         return {"init_latents": latents, "noise": noise}
 
-    async def _decode(self, latents, size, member=None):
+    async def _decode(self, latents, size):
         """Latents [k, C, h, w] as uint8 images [k, HEIGHT, WIDTH, 3]."""
         net = self.params.vae_decoder
         z = self._to_triton(net.input, vae_latents(latents, self.params.vae_scaling_factor,
                                                    self.params.vae_shift_factor))
-        calls = [ModelCall(net.model, {net.input: z}, [net.output])]
-        out = (await (member.run(calls) if member else self.batcher.run(calls)))[0]
+        out = (await self.batcher.run([ModelCall(net.model, {net.input: z}, [net.output])]))[0]
         images = to_uint8_images(_to_torch(out[net.output], torch.device("cpu")).float())
         if images.shape != (latents.shape[0], *size, 3):  # a server-side fault: INTERNAL
             raise ValueError(f"{net.model} returned images of shape {list(images.shape)}, "
@@ -406,19 +432,52 @@ class TritonPythonModel:
         rows = torch.split(_to_torch(tensor, _device(tensor)), sizes)
         return [_from_torch(name, r.contiguous()) for r in rows]
 
-    async def _infer(self, model, inputs, outputs):
+    def _send(self, model, inputs, outputs, retried=False):
+        """Start one BLS call now (its blocking part runs on an executor thread); the future
+        resolves to the outputs by name or fails with a ComponentError naming the model."""
+        result = self.loop.create_future()
+        memory = self.memory.get(model, self.pipeline_memory)
+        request = pb_utils.InferenceRequest(model_name=model, inputs=list(inputs.values()),
+                                            requested_output_names=list(outputs), **memory)
+        call = request.async_exec()
+        timeout = self.params.component_timeout_s
+        # A call that timed out is never cancelled: cancelling a BLS future that Triton still
+        # owns crashed the server (Signal 11) once its model was later unloaded.
+        timer = self.loop.call_later(timeout, _fail, result, ComponentError(
+            f"model '{model}' did not answer within {timeout:g} s"))
+        call.add_done_callback(lambda answered: self._answered(
+            answered, timer, result, model, inputs, outputs, retried))
+        return result
+
+    def _answered(self, call, timer, result, model, inputs, outputs, retried):
+        timer.cancel()
+        if result.done():  # timed out: the late answer is dropped
+            return
         try:
-            return await self._infer_once(model, inputs, outputs)
-        except ComponentError as exc:
-            if DEAD_STUB not in str(exc):
-                raise
-        # The model's stub process died (killed, out of memory): reload it and retry once.
-        # Reloading needs explicit model control (python -m serve and the container use it).
+            response = call.result()
+        except Exception as exc:  # noqa: BLE001 -- the stub could not make the call
+            result.set_exception(ComponentError(f"model '{model}' failed: {exc}"))
+            return
+        if not response.has_error():
+            result.set_result({n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs})
+            return
+        message = response.error().message()
+        if DEAD_STUB in message and not retried:
+            # The model's stub process died (killed, out of memory): reload it and retry once.
+            retry = asyncio.ensure_future(self._retry(model, inputs, outputs))
+            retry.add_done_callback(lambda done: _settle(result, done))
+            return
+        result.set_exception(ComponentError(f"model '{model}' failed: {message}"))
+
+    async def _retry(self, model, inputs, outputs):
         await self._reload(model)
-        return await self._infer_once(model, {n: _copy(t) for n, t in inputs.items()}, outputs)
+        return await self._send(model, {n: _copy(t) for n, t in inputs.items()}, outputs,
+                                retried=True)
 
     async def _reload(self, model):
-        if model not in self.reloads:  # concurrent failures of one model share one reload
+        """Reload a model whose stub died (explicit model control: python -m serve and the
+        container use it); concurrent failures of one model share one reload."""
+        if model not in self.reloads:
             self.reloads[model] = asyncio.ensure_future(self._do_reload(model))
             self.reloads[model].add_done_callback(lambda _: self.reloads.pop(model, None))
         await asyncio.shield(self.reloads[model])
@@ -432,35 +491,61 @@ class TritonPythonModel:
             raise ComponentError(f"model '{model}' died and could not be reloaded: {exc}") from None
         pb_utils.Logger.log_warn(f"asyncdiff: '{model}' reloaded; retrying its call")
 
-    async def _infer_once(self, model, inputs, outputs):
-        memory = self.memory.get(model, self.pipeline_memory)
-        request = pb_utils.InferenceRequest(model_name=model, inputs=list(inputs.values()),
-                                            requested_output_names=list(outputs), **memory)
-        future = asyncio.ensure_future(request.async_exec())
-        timeout = self.params.component_timeout_s
-        try:
-            # shield: a timed-out call is not cancelled. Cancelling a BLS future that Triton
-            # still owns crashed the server (Signal 11) once its model was later unloaded.
-            response = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            self.orphans.add(future)  # keep it alive until Triton answers, then drop it
-            future.add_done_callback(self.orphans.discard)
-            raise ComponentError(f"model '{model}' did not answer within {timeout:g} s")
-        if response.has_error():
-            raise ComponentError(f"model '{model}' failed: {response.error().message()}")
-        return {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
+
+class _Progress:
+    """A request's progress responses, in step order: a step whose preview is still being
+    decoded holds back the steps after it."""
+
+    def __init__(self, sender, outputs):
+        self.sender, self.outputs = sender, outputs
+        self.pending = None  # the last response waiting for a preview
+
+    def send(self, done, total, preview=None):
+        step = pb_utils.Tensor("STEP", np.array([done, total], np.int32))
+        if preview is None and self.pending is None:
+            self._respond([step])
+        else:
+            self.pending = asyncio.ensure_future(self._after(self.pending, step, preview))
+
+    async def flush(self):
+        if self.pending is not None:
+            await self.pending
+
+    async def _after(self, before, step, preview):
+        if before is not None:
+            await before
+        tensors = [step] if preview is None else [step, pb_utils.Tensor("PREVIEW", (await preview)[0])]
+        self._respond(tensors)
+
+    def _respond(self, tensors):
+        self.sender.send(pb_utils.InferenceResponse(
+            output_tensors=[t for t in tensors if t.name() in self.outputs]))
 
 
-def _fresh(calls, sent: set[int]):
-    """The wave with every Tensor object that an earlier call of this generation was given
-    replaced by a copy. Tensors are shared between calls (the text states by every call, a
-    timestep by the calls of one timestep, a skip by two readers), and one Tensor object in
+def _fresh(call, sent: set[int], owner):
+    """``call`` as a ModelCall of ``owner`` (its generation), every Tensor object that an earlier call of this generation was
+    given replaced by a new one (``_rewrap``). Tensors are shared between calls (the text states by every call,
+    a timestep by the calls of one timestep, a skip by two readers), and one Tensor object in
     two requests is not safe: batched into one execution it arrived corrupted ("input byte
     size mismatch")."""
-    for c in calls:
-        c.inputs = {n: _copy(t) if id(t) in sent else t for n, t in c.inputs.items()}
-        sent.update(id(t) for t in c.inputs.values())
-    return calls
+    inputs = {n: _rewrap(t) if id(t) in sent else t for n, t in call.inputs.items()}
+    sent.update(id(t) for t in inputs.values())
+    return ModelCall(call.model, inputs, call.output_names, owner)
+
+
+def _fail(future, exc):
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _settle(future, source):
+    """Hand ``source``'s outcome to ``future`` (unless that one is settled already)."""
+    if future.done():
+        return
+    if source.exception() is not None:
+        future.set_exception(source.exception())
+    else:
+        future.set_result(source.result())
 
 
 def _check_steps(req, limit):
@@ -497,6 +582,14 @@ def _error(message, code):
 def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def _rewrap(tensor):
+    """A new Tensor object on the same host data (sending copies it anyway); a GPU tensor is
+    copied."""
+    if tensor.is_cpu():
+        return pb_utils.Tensor(tensor.name(), tensor.as_numpy())
+    return _copy(tensor)
 
 
 def _copy(tensor):

@@ -6,18 +6,22 @@ this non-decoupled model forwards each request to the engine
 instances (``max_batch_requests`` of them) are what lets that many requests be
 in flight: the python backend runs one request per instance at a time. Its
 queue is Triton's, bounded by ``default_queue_policy`` (a full queue answers
-UNAVAILABLE). The engine's progress responses are how a client that has gone
-is noticed: after each step the forwarded request is cancelled if this one is.
+UNAVAILABLE). It asks the engine for the final outputs only (progress responses
+would cost an IPC round trip per step), and checks every ``CANCEL_POLL_S``
+whether its own client has gone; if so it cancels the forwarded request, which
+stops at its next step boundary.
 """
 
+import asyncio
 import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from asyncdiff.contract import ERROR, OUTPUTS, STEP, STREAM_MODEL_NAME, error_kind
+from asyncdiff.contract import ERROR, OUTPUTS, STREAM_MODEL_NAME, error_kind
 
-FORWARDED = [f.name for f in OUTPUTS] + [STEP.name, ERROR.name]
+FORWARDED = [f.name for f in OUTPUTS] + [ERROR.name]
+CANCEL_POLL_S = 0.05  # how often a request in flight asks whether its client has gone
 
 
 class TritonPythonModel:
@@ -29,12 +33,18 @@ class TritonPythonModel:
 
     async def _forward(self, request):
         rid = f"{request.request_id() or 'unary'}-{uuid.uuid4().hex[:12]}"
-        inputs = request.inputs()
-        call = pb_utils.InferenceRequest(model_name=STREAM_MODEL_NAME, inputs=inputs,
+        call = pb_utils.InferenceRequest(model_name=STREAM_MODEL_NAME, inputs=request.inputs(),
                                          requested_output_names=FORWARDED, request_id=rid,
                                          parameters={"error_output": True})
-        final, asked_to_stop = None, False
-        for response in await call.async_exec(decoupled=True):
+        responses = asyncio.ensure_future(_responses(call))
+        asked_to_stop = False
+        while not responses.done():
+            await asyncio.wait([responses], timeout=CANCEL_POLL_S)
+            if not responses.done() and not asked_to_stop and request.is_cancelled():
+                asked_to_stop = True
+                await _cancel(request, rid)
+        final = None
+        for response in responses.result():
             error = pb_utils.get_output_tensor_by_name(response, ERROR.name)
             if response.has_error() or error is not None:
                 # A BLS caller gets every error as INTERNAL: error_kind restores the status.
@@ -44,17 +54,24 @@ class TritonPythonModel:
                 return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
             if pb_utils.get_output_tensor_by_name(response, "IMAGE") is not None:
                 final = response
-            if not asked_to_stop and request.is_cancelled():
-                asked_to_stop = True
-                prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy()
-                stop = pb_utils.InferenceRequest(  # PROMPT only because the config requires it
-                    model_name=STREAM_MODEL_NAME, requested_output_names=[],
-                    inputs=[pb_utils.Tensor("PROMPT", np.array(prompt))],
-                    parameters={"cancel": rid})
-                for _ in await stop.async_exec(decoupled=True):
-                    pass
         if final is None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 "the engine ended without an image", pb_utils.TritonError.INTERNAL))
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.get_output_tensor_by_name(final, name) for name in self.outputs])
+
+
+async def _responses(call):
+    """Every response of a decoupled BLS call; the wait for them blocks an executor thread,
+    not the event loop (which polls for cancellation meanwhile)."""
+    iterator = await call.async_exec(decoupled=True)
+    return await asyncio.get_running_loop().run_in_executor(None, list, iterator)
+
+
+async def _cancel(request, rid):
+    prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy()
+    stop = pb_utils.InferenceRequest(  # PROMPT only because the config requires it
+        model_name=STREAM_MODEL_NAME, requested_output_names=[],
+        inputs=[pb_utils.Tensor("PROMPT", np.array(prompt))], parameters={"cancel": rid})
+    for _ in await stop.async_exec(decoupled=True):
+        pass

@@ -44,8 +44,7 @@ needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason="asyncdiff/tiny/model is n
 # (components, stride, extra CLI flags): the default path (with parity checks) once.
 TINY_REPOS = {"N2-S1": (2, 1, []),
               "N2-S2": (2, 2, ["--no-validate", "--component-timeout-s", "30", "--steps", "12",
-                               "--scheduler", "euler", "--negative-prompt", "blurry",
-                               "--batch-cohorts", "1"])}
+                               "--scheduler", "euler", "--negative-prompt", "blurry"])}
 
 
 def export(out, *argv) -> int:
@@ -119,7 +118,6 @@ def test_pipeline_model_config_and_files(tiny_repos):
         defaults=Request(negative_prompt="blurry", steps=12, scheduler="euler"),
         component_timeout_s=30.0,  # fp32 on the CPU: the contract's default dtypes and device
         max_batch_requests=4, max_queue_size=16,  # 8 rows: 4 requests x CFG (plain S=2: two lanes)
-        batch_cohorts=1,
         max_batch_sizes={m: 8 for m in ("unet_part_0", "unet_part_1", "text_encoder",
                                         "vae_encoder", "vae_decoder")},
         img2img=True)  # the VAE encoder is served: INIT_IMAGE is an input
@@ -303,7 +301,6 @@ def test_models_placed_as_the_placement_says():
     (["--components", "2", "--steps", "0"], "pipeline default: STEPS must be in [1, 1000], got 0"),
     (["--components", "2", "--scheduler", "pndm"], "pipeline default: SCHEDULER must be one of"),
     (["--components", "2", "--component-timeout-s", "0"], "--component-timeout-s must be > 0"),
-    (["--components", "2", "--batch-cohorts", "0"], "--batch-cohorts must be >= 1, got 0"),
 ])
 def test_bad_options_fail_before_any_export(tmp_path, capsys, argv, message):
     out = tmp_path / "repo"

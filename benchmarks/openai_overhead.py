@@ -35,12 +35,13 @@ import numpy as np
 from PIL import Image
 
 from asyncdiff.contract import INPUT_BY_FIELD, MODEL_NAME
+from benchmarks import output_path
 from serve.launcher import REPO_ROOT, RECOVERABLE_ARGS, TritonServer, free_port
 from serve.openai import IMAGE_OUTPUT
 
 PROMPT = "a handwritten digit 7"
 SEED = 3
-OUT = REPO_ROOT / "benchmarks" / "results" / "openai_overhead.json"
+OUT = output_path("openai_overhead.json")
 
 
 def log(message: str) -> None:

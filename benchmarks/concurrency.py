@@ -17,7 +17,8 @@ one after the other, each on its own server(s) started here:
   at half the concurrency against its own server (at concurrency 1: one process, one
   replica idle); throughput is their sum, p50/p99 the worse of the two.
 
-Models: ``tiny`` (the embedded tiny model, 8 steps, about 4 minutes in all) and ``bench``
+Models: ``tiny`` (the embedded tiny model, 8 steps, about 3 minutes in all: 187 s here, 3.5 min
+in another run, both exports included) and ``bench``
 (the speed benchmark's UNet, ``benchmarks.bench_pipeline``: random weights, SD 1.5 blocks
 at 0.3x width, latent 32). ``python -m export --model sd15-full`` is the full-width UNet,
 not this one, so the pipeline folder is built and exported here (N=2 and N=1 in about

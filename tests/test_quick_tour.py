@@ -17,9 +17,6 @@ import io
 import os
 import shlex
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ import openai
 import pytest
 from PIL import Image
 
-from serve.launcher import free_port
+from benchmarks.openai_overhead import own_api
 
 ROOT = Path(__file__).resolve().parents[1]
 PY, TORCHRUN = ".venv/bin/python", ".venv/bin/torchrun"
@@ -41,7 +38,7 @@ SKIPPED = {
               "tests the export CLI",
     "make serve": "the session's tiny_server serves that export, on free ports",
     "client.perf.run_perf": "perf_analyzer for ~45 s; tests/client runs this recipe at concurrency 1",
-    "benchmarks.concurrency": "about 4 minutes; tests/benchmarks runs a short version",
+    "benchmarks.concurrency": "about 3 minutes; tests/benchmarks runs a short version",
     "benchmarks.soak": "2 minutes; tests/benchmarks runs a 40 s soak",
     "deploy.render": "all 8 renderings; tests/deploy runs them (the --show line runs here)",
     "torchrun": "3 interpreters, ~11 s: runs with ASYNCDIFF_TORCHRUN_TESTS=1, as tests/runners' "
@@ -107,16 +104,7 @@ def check_openai_line(argv: list[str], tiny_server, tmp_path: Path) -> None:
     and it listens on a free port instead of 8080. One generation and one edit of seven.png."""
     assert argv[-1] == "&" and "--triton-url" in argv
     args = [a.replace(":8001", f":{tiny_server.grpc_port}") for a in argv[3:-1]]
-    port = free_port()
-    with open(tmp_path / "openai.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.openai", *args, "--port", str(port)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while not healthy(url):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "openai.log").read_text()
-            time.sleep(0.2)
+    with own_api(tiny_server.grpc_url, tmp_path, args=args) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         made = client.images.generate(prompt="the number seven", extra_body={"seed": 3, "steps": 8})
         edited = client.images.edit(image=open("seven.png", "rb"), prompt="the number one",
@@ -124,17 +112,6 @@ def check_openai_line(argv: list[str], tiny_server, tmp_path: Path) -> None:
         for result in (made, edited):
             image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
             assert image.size == (16, 16) and np.asarray(image).std() > 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("line", ["make serve", "make install"])

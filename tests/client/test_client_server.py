@@ -122,7 +122,10 @@ def test_ctrl_c_cancels_with_one_line(tiny_server, tmp_path):
     before = tiny_server.log_tail(100000).count("request cancelled")
     proc = subprocess.Popen([sys.executable, "-m", "client", "x", "--steps", "999", "--url",
                              tiny_server.grpc_url, "--out", str(tmp_path / "x.png")],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            # A shell's background job (make test &) ignores SIGINT, and so would
+                            # the client: give it the terminal's default, as a user's shell does.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")))
     reader.start()

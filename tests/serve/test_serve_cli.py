@@ -16,6 +16,13 @@ from serve.__main__ import banner, parse_args
 from serve.launcher import REPO_ROOT, TritonServer, stub_shm_files
 
 
+def make_env() -> dict[str, str]:
+    """This environment without what would change make's behaviour here: the settings under
+    test, and an outer make's flags (under `make test`: directory lines, -j, ...)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("COMPONENTS", "PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+
 def test_second_serve_on_busy_ports_fails_fast_and_leaves_the_first_alone(tiny_server, tiny_repo):
     """One line, under a second, nothing loaded: the running server's log and /dev/shm are
     untouched (it used to load every model for ~9 s, wipe that log and leave 10 regions)."""
@@ -43,7 +50,7 @@ def test_make_serve_refuses_another_n_than_the_repository(tiny_repo):
     config = tiny_repo / "asyncdiff" / "config.pbtxt"
     mtime = config.stat().st_mtime_ns
     run = subprocess.run(["make", "-s", "serve", f"REPO={tiny_repo}", "COMPONENTS=3"], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         env=make_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert f"error: {tiny_repo} holds an N=2 export, not the N=3 asked for" in run.stderr
     assert config.stat().st_mtime_ns == mtime  # not re-exported
@@ -54,9 +61,9 @@ def test_make_serve_refuses_another_n_than_the_repository(tiny_repo):
 
 def test_make_checks_n_only_when_components_is_given():
     def dry(*args: str) -> str:
-        env = {k: v for k, v in os.environ.items() if k not in ("COMPONENTS", "PYTHON")}
-        return subprocess.run(["make", "-n", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                              text=True, check=True, timeout=60).stdout
+        return subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO_ROOT,
+                              env=make_env(), capture_output=True, text=True, check=True,
+                              timeout=60).stdout
 
     assert "--components" not in dry("serve", "REPO=tests").splitlines()[-1]
     assert dry("serve", "REPO=tests", "COMPONENTS=3").splitlines()[-1].endswith("--components 3")

@@ -9,6 +9,9 @@ COMPONENTS ?= 2
 PROMPT ?= a handwritten digit 7
 OUT ?= digit.png
 PYTEST_ARGS ?=
+# COMPONENTS set on the command line or in the environment must match an existing $(REPO),
+# which is served as it is, never re-exported: serve and demo refuse another N.
+CHECK_N := $(if $(filter command line environment,$(origin COMPONENTS)),--components $(COMPONENTS))
 
 .PHONY: install repository serve demo test gpu-check helm-check
 
@@ -27,10 +30,10 @@ $(REPO)/asyncdiff/config.pbtxt: | $(STAMP)
 repository: $(REPO)/asyncdiff/config.pbtxt
 
 serve: repository
-	$(PY) -m serve --model-repository $(REPO)
+	$(PY) -m serve --model-repository $(REPO) $(CHECK_N)
 
 demo: repository
-	$(PY) -m serve.demo --model-repository $(REPO) --prompt "$(PROMPT)" --out $(OUT)
+	$(PY) -m serve.demo --model-repository $(REPO) --prompt "$(PROMPT)" --out $(OUT) $(CHECK_N)
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
@@ -41,9 +44,11 @@ helm-check: | $(STAMP)
 	$(PY) -m deploy.render
 
 # One NVIDIA GPU with torch+CUDA, nothing downloaded: carried wheels (.whl/), then the GPU
-# benchmark (<= 5 min). GPU_CHECK_ARGS="--device cpu --quick" is the CPU smoke run.
-gpu-check:
-	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+# benchmark (<= 5 min), with the host's python3 (PYTHON=... to choose another).
+# GPU_CHECK_ARGS="--device cpu --quick" is the CPU smoke run, with this project's venv.
+GPU_CHECK_CPU := $(findstring --device cpu,$(GPU_CHECK_ARGS))
+gpu-check: $(if $(GPU_CHECK_CPU),| $(STAMP))
+	PYTHON="$${PYTHON:-$(if $(GPU_CHECK_CPU),$(PY),python3)}" bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # Here, for gpu-check on a host without the nvidia-pytriton wheel: the trimmed server archive
 # for that host's Python (GPU_PYTHON; with a stripped libpython from a shared pythonX.Y on

@@ -183,8 +183,9 @@ class Request:
                              f"got {self.guidance_scale}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"SCHEDULER must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
-        if not 1 <= self.num_images <= MAX_NUM_IMAGES:
-            raise ValueError(f"NUM_IMAGES must be in [1, {MAX_NUM_IMAGES}], got {self.num_images}")
+        if not 1 <= self.num_images <= MAX_NUM_IMAGES:  # a deployment's own bound is lower
+            raise ValueError(f"NUM_IMAGES must be in [1, max_batch_requests] (the deployment's, "
+                             f"at most {MAX_NUM_IMAGES}), got {self.num_images}")
         for name, px in (("HEIGHT", self.height), ("WIDTH", self.width)):
             if px != 0 and not (SIZE_MULTIPLE <= px <= MAX_SIDE and px % SIZE_MULTIPLE == 0):
                 raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE} in "

@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         builtin_names, default_batch, default_latent_size, load_denoiser, resolve,
     )
 
-    p = argparse.ArgumentParser(prog="python -m asyncdiff.partition", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m asyncdiff.partition", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny",
                    help=f"denoiser/pipeline folder or one of {builtin_names()}")
     p.add_argument("--components", type=int, help="N (required unless --cuts gives it)")

@@ -17,13 +17,15 @@ one after the other, each on its own server(s) started here:
   at half the concurrency against its own server (at concurrency 1: one process, one
   replica idle); throughput is their sum, p50/p99 the worse of the two.
 
-Models: ``tiny`` (the embedded tiny model, 8 steps, about 2 minutes in all) and ``bench``
+Models: ``tiny`` (the embedded tiny model, 8 steps, about 3 minutes in all: 187 s here, 3.5 min
+in another run, both exports included) and ``bench``
 (the speed benchmark's UNet, ``benchmarks.bench_pipeline``: random weights, SD 1.5 blocks
 at 0.3x width, latent 32). ``python -m export --model sd15-full`` is the full-width UNet,
 not this one, so the pipeline folder is built and exported here (N=2 and N=1 in about
 50 s, kept under .cache/). A request of 2 steps takes 1.7 s at N=2, so its windows are
 long (default 40 s at 4 steps): all 4 levels of all 3 deployments take about 25 minutes.
-Writes benchmarks/results/concurrency_<model>.json and prints a markdown table.
+Writes benchmarks/out/concurrency_<model>.json (``--out benchmarks/results/...`` replaces a
+committed run) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ from pathlib import Path
 
 from asyncdiff.contract import INPUT_BY_FIELD, MODEL_NAME
 from client.perf.run_perf import PerfError, find_perf_analyzer, parse_csv, perf_env
+from benchmarks import output_path
 from serve.launcher import REPO_ROOT, RECOVERABLE_ARGS, TritonServer
 
 CACHE = REPO_ROOT / ".cache" / "concurrency"
-RESULTS = REPO_ROOT / "benchmarks" / "results"
 DEPLOYMENTS = ("under_test", "n1", "replicas")
 PROMPTS = tuple(f"a handwritten digit {d}" for d in range(10))
 
@@ -251,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--baseline-repository", type=Path, help="the N=1 export (default: exported here)")
     p.add_argument("--deployments", default=",".join(DEPLOYMENTS),
                    help=f"subset of {','.join(DEPLOYMENTS)} (default: all)")
-    p.add_argument("--out", type=Path, help="JSON (default: benchmarks/results/concurrency_<model>.json)")
+    p.add_argument("--out", type=Path, help="JSON (default: benchmarks/out/concurrency_<model>.json)")
     a = p.parse_args(argv)
     try:
         levels = tuple(int(c) for c in a.concurrency.split(",") if c.strip())
@@ -276,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
              "replicas": Deployment("replicas", "2×N=1", baseline, replicas=2)}
     return Settings(model=a.model, levels=levels, interval_ms=interval, steps=steps,
                     deployments=tuple(table[d] for d in chosen),
-                    out=a.out or RESULTS / f"concurrency_{a.model}.json")
+                    out=a.out or output_path(f"concurrency_{a.model}.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """AsyncDiff fidelity on the tiny digits model: how far do async images drift from sequential ones?
 
     python -m benchmarks.fidelity [--model tiny|tiny-sd3] [--quick] [--pairs 200] [--steps 25]
-                                  [--guidance-scale 3.0] [--json benchmarks/results/fidelity.json]
+                                  [--guidance-scale 3.0] [--json PATH]
                                   [--plot docs/img/fidelity.png]
 
 For a fixed, seeded set of prompt/seed pairs (every digit, the tiny model's
@@ -36,6 +36,7 @@ from asyncdiff.pipeline import AsyncDiffPipeline
 from asyncdiff.placement import Placement
 from asyncdiff.schedule import make_plan
 from asyncdiff.sd3 import AsyncDiffSD3Pipeline
+from benchmarks import output_path
 from benchmarks.metrics import PSNR_CAP_DB, SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
 
 FULL_CONFIGS = [(1, 1, 1)] + [(n, s, w) for n in (2, 3, 4) for s in (1, 2) for w in (1, 3, 5, 9)]
@@ -361,8 +362,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # jobs and ran ~10x slower than one in our measurements.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None,
-                   help="default benchmarks/results/fidelity.json, fidelity_dit.json for "
-                        "tiny-sd3 (*_quick.json with --quick)")
+                   help="default benchmarks/out/fidelity.json, fidelity_dit.json for "
+                        "tiny-sd3 (*_quick.json with --quick); the committed runs are "
+                        "benchmarks/results/<same name>")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (none when omitted)")
     p.add_argument("--report", type=Path, default=None,
                    help="no sampling: print the markdown table (and --plot) of a saved JSON")
@@ -373,7 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  if a.configs else QUICK_CONFIGS if a.quick else list(model.configs))
     if (2, 1, 1) not in a.configs:
         p.error("configs must include 2:1:1 (the summary line reports N2S1-w1)")
-    full = Path(model.json)
+    full = output_path(Path(model.json).name)
     a.json = a.json or (full.with_name(full.stem + "_quick.json") if a.quick else full)
     return a
 

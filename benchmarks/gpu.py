@@ -1,6 +1,6 @@
 """AsyncDiff on one NVIDIA GPU: per-component latency, fp16 parity, transfer cost, projected speedup.
 
-    python -m benchmarks.gpu [--out benchmarks/results/gpu_<gpu-name>.json] [--steps 50]
+    python -m benchmarks.gpu [--out benchmarks/out/gpu_<gpu-name>.json] [--steps 50]
                              [--warmup 1] [--quick] [--device cuda|cpu] [--budget-s 250]
                              [--models sd21-full,sdxl-full]
 
@@ -64,6 +64,7 @@ import torch
 from asyncdiff.partition import Partition, build_partition
 from asyncdiff.placement import Placement
 from asyncdiff.profile import StageProfile, cast_inputs, profile_stages, stage_inputs
+from benchmarks import output_path
 from benchmarks.gpu_measure import (
     Clock, Settings, graph_components, graph_note, graph_or_skip, measure_transfers, parity,
     time_components, timed,
@@ -295,7 +296,7 @@ def _cfg_order(cfg: str) -> int:
 
 def default_out(gpu_name: str | None) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", (gpu_name or "cpu-smoke").lower()).strip("-")
-    return Path("benchmarks/results") / f"gpu_{slug}.json"
+    return output_path(f"gpu_{slug}.json")
 
 
 def write_json(report: dict, out: Path) -> None:
@@ -308,7 +309,7 @@ def write_json(report: dict, out: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/gpu_<gpu-name>.json)")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/out/gpu_<gpu-name>.json)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps T for the projection")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps w for the projection")
     p.add_argument("--quick", action="store_true", help="few repeats (tests, smoke runs)")

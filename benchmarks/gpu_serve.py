@@ -16,7 +16,7 @@ ONNX stack guaranteed:
   Python-based backends), serves each repository in turn on a loopback port, sends the
   same request over HTTP/JSON (urllib), times it, compares the gpu deployment's latents
   (max abs) and image (PSNR) with the cpu one's and writes
-  ``benchmarks/results/gpu_serve_<device>.json``. ``--device cpu`` serves only the cpu
+  ``benchmarks/out/gpu_serve_<device>.json``. ``--device cpu`` serves only the cpu
   repository (the CI test of the archive and of this script).
 """
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: serve only the cpu repository (no GPU needed)")
     pr.add_argument("--requests", type=int, default=3, help="timed requests after the warm-up")
     pr.add_argument("--carry", type=Path, default=CARRY, help="folder of the two archives")
-    pr.add_argument("--out", type=Path, help="JSON (default benchmarks/results/gpu_serve_<device>.json)")
+    pr.add_argument("--out", type=Path, help="JSON (default benchmarks/out/gpu_serve_<device>.json)")
     a = p.parse_args(argv)
     if a.stage == "prepare":
         out = prepare(a.out)

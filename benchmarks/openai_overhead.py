@@ -35,12 +35,13 @@ import numpy as np
 from PIL import Image
 
 from asyncdiff.contract import INPUT_BY_FIELD, MODEL_NAME
+from benchmarks import output_path
 from serve.launcher import REPO_ROOT, RECOVERABLE_ARGS, TritonServer, free_port
 from serve.openai import IMAGE_OUTPUT
 
 PROMPT = "a handwritten digit 7"
 SEED = 3
-OUT = REPO_ROOT / "benchmarks" / "results" / "openai_overhead.json"
+OUT = output_path("openai_overhead.json")
 
 
 def log(message: str) -> None:
@@ -61,13 +62,14 @@ def own_triton(work: Path):
 
 
 @contextlib.contextmanager
-def own_api(triton_url: str, work: Path, ready_timeout_s: float = 60.0):
-    """``python -m serve.openai`` in front of ``triton_url``, in its own process as deployed."""
+def own_api(triton_url: str, work: Path, ready_timeout_s: float = 60.0, args: list[str] | None = None):
+    """``python -m serve.openai`` in front of ``triton_url`` (or with ``args``, on a free
+    port all the same), in its own process as deployed."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    args = ["--triton-url", triton_url, "--log-level", "warning"] if args is None else args
     with open(work / "api.log", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.openai", "--triton-url", triton_url,
-                                 "--port", str(port), "--log-level", "warning"],
+        proc = subprocess.Popen([sys.executable, "-m", "serve.openai", *args, "--port", str(port)],
                                 cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + ready_timeout_s

@@ -140,7 +140,11 @@ def generate_stream(params: GenerationParams, url: str | None = None, timeout: f
         client.start_stream(callback=lambda result, error: responses.put((result, error)),
                             stream_timeout=timeout)
         try:
-            client.async_stream_infer(STREAM_MODEL_NAME, inputs, outputs=outputs)
+            try:
+                client.async_stream_infer(STREAM_MODEL_NAME, inputs, outputs=outputs)
+            except InferenceServerException as exc:
+                # "The stream is no longer in valid state": the cause went to the callback.
+                raise _callback_error(responses) or exc from None
             while True:
                 try:
                     result, error = responses.get(timeout=timeout)
@@ -156,6 +160,15 @@ def generate_stream(params: GenerationParams, url: str | None = None, timeout: f
                     on_step(done, total, result.as_numpy(PREVIEW.name))
         finally:
             client.stop_stream(cancel_requests=True)
+
+
+def _callback_error(responses, wait_s: float = 2.0) -> Exception | None:
+    import queue
+
+    try:
+        return responses.get(timeout=wait_s)[1]
+    except queue.Empty:
+        return None
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

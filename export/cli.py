@@ -890,6 +890,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     try:
         opts = parse_args(argv)
+        if not opts.progress:  # also the libraries' own "Loading weights" bars
+            from diffusers.utils import logging as diffusers_logging
+            from transformers.utils import logging as transformers_logging
+
+            diffusers_logging.disable_progress_bar()
+            transformers_logging.disable_progress_bar()
         result = run_export(opts)
     except ParityError as e:
         print(f"error: parity check failed: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from client.__main__ import main as client_main
+from serve import deployment
 from serve.__main__ import _env_port
 from serve.launcher import ServerError, TritonServer
 
@@ -22,11 +23,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="digit.png")
     p.add_argument("--seed", type=int, help="default: the model's")
     p.add_argument("--steps", type=int, help="default: the model's")
+    p.add_argument("--components", type=int, metavar="N",
+                   help="refuse unless the repository is an N-component export")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        deployment.check_components(args.model_repository, args.components)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     started = time.perf_counter()
     server = TritonServer(args.model_repository, http_port=_env_port("HTTP_PORT", 8000),
                           grpc_port=_env_port("GRPC_PORT", 8001),

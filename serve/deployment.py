@@ -89,6 +89,22 @@ def server_args(repo: str | Path, pool_mb: int | None = None) -> list[str]:
     return cuda_pool_args(info["gpus"], size)
 
 
+def components(repo: str | Path) -> int | None:
+    """N of an exported repository (its partition file), None when it has none."""
+    path = Path(repo) / "asyncdiff_stream" / "1" / "partition.json"
+    return json.loads(path.read_text())["num_components"] if path.is_file() else None
+
+
+def check_components(repo: str | Path, expected: int | None) -> None:
+    """ValueError unless ``repo`` holds an ``expected``-component export (None: any): an
+    existing repository is served as it is, never re-exported."""
+    found = components(repo) if expected is not None else None
+    if found is not None and found != expected:
+        raise ValueError(f"{repo} holds an N={found} export, not the N={expected} asked for; "
+                         f"export N={expected} elsewhere (make serve REPO=<dir> "
+                         f"COMPONENTS={expected}) or remove {repo} first")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m serve.deployment REPO [--cuda-memory-pool-mb MB]``: the tritonserver flags."""
     p = argparse.ArgumentParser(prog="python -m serve.deployment", description=main.__doc__)

@@ -46,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = REPO_ROOT / ".tritonserver"
 PROJECT_BACKENDS = REPO_ROOT / "backends"
 HOST = "127.0.0.1"
+ANY_HOST = ("0.0.0.0", "::", "")  # bind addresses that mean every interface
 _INSTALL_MARK = ".installed-from"
 # Explicit model control with every model loaded at start: models can be (re)loaded through
 # the repository API, e.g. one whose stub died. `python -m serve`, `make serve` and the
@@ -171,9 +172,21 @@ def host_args(repo: Path, gpu_visible: bool,
     return ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
 
 
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Whether a listener holds ``port`` on ``host`` (binding it as the server would)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 @dataclass
 class TritonServer:
-    """A tritonserver process bound to 127.0.0.1; ports left as None are picked free."""
+    """A tritonserver process bound to ``host`` (127.0.0.1 by default); ports left as None
+    are picked free."""
 
     model_repository: Path
     http_port: int | None = None
@@ -190,21 +203,27 @@ class TritonServer:
     workdir: Path = DEFAULT_WORKDIR
     startup_timeout: float = 120.0
     stop_timeout: float = 30.0
+    host: str = HOST  # every endpoint's bind address; 0.0.0.0: all interfaces
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _log: object = field(default=None, init=False, repr=False)
     _shm_regions: set[Path] = field(default_factory=set, init=False, repr=False)
 
     @property
+    def connect_host(self) -> str:
+        """Where a client on this machine reaches the server."""
+        return HOST if self.host in ANY_HOST else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"{HOST}:{self.http_port}"
+        return f"{self.connect_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
+        return f"{self.connect_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.metrics_port}/metrics"
+        return f"http://{self.connect_host}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -305,6 +324,8 @@ class TritonServer:
         self.stop()
 
     def _pick_ports(self) -> None:
+        """Free ports for those left as None; a given port already taken fails here, in one
+        line, before anything is loaded, logged or mapped."""
         names = ("http_port", "grpc_port", "metrics_port")
         spare = iter(free_ports(3))
         for name in names:
@@ -312,6 +333,13 @@ class TritonServer:
                 setattr(self, name, next(port for port in spare if port not in self._ports()))
         if len(set(self._ports())) != len(names):
             raise ServerError(f"ports {self._ports()}: expected three different ports")
+        busy = [f"{name.split('_')[0]} {port}" for name, port in zip(names, self._ports())
+                if port_in_use(port, self.host)]
+        if busy:
+            raise ServerError(f"port {', '.join(busy)} already in use on {self.host}: another "
+                              "server (a second `make serve`?) is running there; stop it or pick "
+                              "other ports (--http-port/--grpc-port/--metrics-port, or "
+                              "HTTP_PORT/GRPC_PORT/METRICS_PORT for make serve)")
 
     def _ports(self) -> list[int | None]:
         return [self.http_port, self.grpc_port, self.metrics_port]
@@ -324,9 +352,9 @@ class TritonServer:
             f"--model-repository={repo}",
             f"--backend-directory={self._backends(tree)}",
             f"--cache-directory={tree / 'caches'}",
-            f"--http-address={HOST}", f"--http-port={self.http_port}",
-            f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=5",
         ]
         host = host_args(repo, _gpu_visible(), self.cuda_memory_pool_mb)
@@ -361,6 +389,7 @@ class TritonServer:
                                   f"log {self.log_file}:\n{self.log_tail()}")
             if _http_ok(url):
                 return
+            self._note_shm_regions()  # a server that fails to start leaves its stubs' regions
             time.sleep(0.1)
         raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s; "
                           f"log {self.log_file}:\n{self.log_tail()}")

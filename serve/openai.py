@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Awaitable, Mapping
 from contextlib import asynccontextmanager
@@ -46,9 +47,11 @@ from tritonclient.grpc import aio as triton
 from tritonclient.utils import InferenceServerException
 
 from asyncdiff.contract import (
-    BUSY_MESSAGE, INIT_IMAGE, INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS, IOField, Request,
-    parse_size,
+    BUSY_MESSAGE, INIT_IMAGE, INPUT_BY_FIELD, INPUT_BY_NAME, MODEL_NAME, OUTPUTS, STREAM_MODEL_NAME,
+    IOField, Request, parse_size,
 )
+from client.connection import problem, wrong_protocol
+from client.deployment import Deployment, choose_size, fit_image, pipeline_params, read_deployment
 from client.infer import default_url
 
 log = logging.getLogger("serve.openai")
@@ -207,14 +210,6 @@ def decode_image(data: bytes) -> np.ndarray:
                        param="image", code="invalid_image") from None
 
 
-def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The init image at the request's size (Lanczos, as diffusers' image processor resizes)."""
-    if image.shape[:2] == (height, width):
-        return image
-    resized = Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(resized, dtype=np.uint8)
-
-
 def encode_png(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -240,14 +235,17 @@ def triton_inputs(values: Mapping[str, Any], init_image: np.ndarray | None) -> d
 
 # -------------------------------------------------------------------- Triton
 
-def triton_error(exc: InferenceServerException) -> APIError:
+def triton_error(exc: InferenceServerException, triton_url: str = "Triton") -> APIError:
     """Triton's status -> HTTP status and OpenAI error type; the message passes through, and
     an INVALID_ARG message starts with the input it is about (the contract's convention)."""
     status, type_, code = TRITON_STATUS.get(str(exc.status()), (500, "server_error", None))
     message = exc.message() or str(exc)
+    unreachable = problem(exc, triton_url, "grpc")
+    if unreachable is not None:  # not busy: the API cannot reach Triton at all
+        return APIError(503, unreachable, "server_error", None, "triton_unreachable")
     param = param_of_message(message) if status == 400 else None
     if code == "server_busy" and not message.startswith(BUSY_MESSAGE):
-        message = f"{BUSY_MESSAGE} or unreachable: {message}"
+        message = f"{BUSY_MESSAGE}: {message}"
     return APIError(status, message, type_, param, code)
 
 
@@ -257,6 +255,7 @@ class TritonImages:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.client: triton.InferenceServerClient | None = None
+        self._deployment: Deployment | None = None
 
     async def open(self) -> None:
         self.client = triton.InferenceServerClient(self.settings.triton_url)
@@ -272,6 +271,19 @@ class TritonImages:
         except InferenceServerException:
             return False
 
+    async def deployment(self) -> Deployment | None:
+        """What the deployment serves (``client.deployment``), read once; None while it
+        cannot be read (the request then meets the server's own checks)."""
+        if self._deployment is None:
+            try:
+                configs = [(await self.client.get_model_config(name, as_json=True))["config"]
+                           for name in (self.settings.model, STREAM_MODEL_NAME)]
+            except InferenceServerException:
+                return None
+            self._deployment = Deployment(frozenset(i["name"] for i in configs[0].get("input", ())),
+                                          pipeline_params(configs[1]))
+        return self._deployment
+
     async def generate(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """uint8 [n, H, W, 3]; APIError on a Triton error."""
         tensors = []
@@ -285,7 +297,7 @@ class TritonImages:
                                              outputs=[triton.InferRequestedOutput(IMAGE_OUTPUT.name)],
                                              client_timeout=self.settings.timeout_s)
         except InferenceServerException as exc:
-            error = triton_error(exc)
+            error = triton_error(exc, self.settings.triton_url)
             if error.code == "timeout":
                 error.message = (f"no result within {self.settings.timeout_s:g} s (serve.openai "
                                  f"--timeout); the request was cancelled: {error.message}")
@@ -378,10 +390,17 @@ def create_app(settings: Settings) -> FastAPI:
                            param="image", code="invalid_image")
         fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
         values = request_fields(fields, edit=True, settings=settings)
+        deployment = await images.deployment()
+        if deployment is not None and not deployment.img2img:
+            raise APIError(400, f"edits (img2img) are not served by this deployment "
+                           f"({deployment.family}): its model takes no image; use generations",
+                           param="image", code="unsupported_value")
         image = await asyncio.to_thread(decode_image, await uploads[0].read())
-        # The request's size defaults to the image's; an image of another size is resized to it.
-        values.setdefault("width", image.shape[1])
-        values.setdefault("height", image.shape[0])
+        # No size: the image's own when served, else the served size closest to its aspect
+        # ratio; the image is resized to the request's size.
+        values["width"], values["height"] = choose_size(
+            (image.shape[1], image.shape[0]), deployment.sizes() if deployment else [],
+            values.get("width"), values.get("height"))
         image = await asyncio.to_thread(fit_image, image, values["width"], values["height"])
         return await respond(request, values, image)
 
@@ -400,6 +419,28 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def check_triton(settings: Settings, wait_s: float, say=print) -> str | None:
+    """None once Triton answers gRPC at ``settings.triton_url`` and serves the model; else
+    why not, in one line. A port that speaks another protocol fails at once; anything else
+    is retried for ``wait_s`` seconds (a server still loading its models), said once."""
+    deadline, said = time.monotonic() + wait_s, None
+    while True:
+        try:
+            read_deployment("grpc", settings.triton_url, settings.model, timeout=10.0)
+            return None
+        except Exception as exc:
+            cause = problem(exc, settings.triton_url, "grpc")
+            if cause is None and not isinstance(exc, InferenceServerException):
+                raise
+            cause = cause or f"Triton at {settings.triton_url}: {exc.message() or exc}"
+            if wrong_protocol(exc, "grpc") or time.monotonic() >= deadline:
+                return cause
+        if cause != said:
+            say(f"waiting up to {wait_s:g} s for Triton: {cause}")
+            said = cause
+        time.sleep(1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.openai", description=__doc__.split("\n\n")[0])
     parser.add_argument("--triton-url", default=default_url("grpc"),
@@ -411,11 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)  # 8000 is Triton's HTTP port
     parser.add_argument("--timeout", type=float, default=Settings.timeout_s,
                         help="seconds one generation may take before a 504 (default: %(default)s)")
+    parser.add_argument("--wait-triton", type=float, default=60.0, metavar="SECONDS",
+                        help="at start, how long to wait for Triton to answer gRPC and serve "
+                        "the model before exiting with the reason (default: %(default)s)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     import uvicorn
 
-    app = create_app(Settings(triton_url=args.triton_url, model=args.model, timeout_s=args.timeout))
+    settings = Settings(triton_url=args.triton_url, model=args.model, timeout_s=args.timeout)
+    problem_ = check_triton(settings, args.wait_triton, lambda line: print(line, file=sys.stderr))
+    if problem_ is not None:
+        print(f"error: {problem_}", file=sys.stderr)
+        return 1
+    app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

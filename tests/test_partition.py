@@ -187,6 +187,15 @@ def test_cli_needs_components_or_cuts(capsys):
     assert exit_.value.code == 2 and "give --components or --cuts" in capsys.readouterr().err
 
 
+def test_cli_help_describes_in_whole_sentences(capsys):
+    from asyncdiff.partition import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "into N components, with each component's interface." in help_text
+
+
 def test_balancer_needs_a_component_count(sd15):
     with pytest.raises(ValueError, match="give the number of components or cuts"):
         partition_unet(sd15, None, model="sd15")

@@ -52,7 +52,8 @@ def test_num_images_are_the_single_requests_of_consecutive_seeds(server):
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(NUM_IMAGES=0), r"NUM_IMAGES must be in \[1, 64\]"),
+    (dict(NUM_IMAGES=0), r"NUM_IMAGES must be in \[1, max_batch_requests\] "
+                         r"\(the deployment's, at most 64\)"),
     (dict(NUM_IMAGES=5), r"NUM_IMAGES must be in \[1, 4\] on this deployment"),
     (dict(WIDTH=32, HEIGHT=16), r"WIDTH x HEIGHT 32x16 is not served; this deployment serves "
                                 r"16x16, 24x16"),

@@ -155,3 +155,28 @@ def test_unet_deployments_refuse_flowmatch_euler(tiny_server):
                        match=r"SCHEDULER 'flowmatch-euler' does not fit .*noise") as err:
         infer(tiny_server, STEPS=2, SCHEDULER=FLOW_MATCH_EULER)
     assert "INVALID_ARG" in str(err.value.status())
+
+
+def test_img2img_is_refused_by_name_before_sending(servers, tmp_path, capsys):
+    """SD3 serves no INIT_IMAGE: the client and the OpenAI edits route say so, instead of
+    Triton's "unexpected inference input 'INIT_IMAGE'"."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from client.__main__ import main as client_main
+    from serve.openai import Settings, create_app
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32)).save(init)
+    url = servers["t5"].grpc_url
+    assert client_main(["x", "--init-image", str(init), "--url", url, "--out", str(tmp_path / "o.png")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: INIT_IMAGE: this deployment (sd3) serves no img2img, its model takes no init "
+        "image; SD 1.x/2.x and SDXL exports serve it, SD3 and FLUX are text-to-image only")
+    with TestClient(create_app(Settings(triton_url=url))) as http:
+        answer = http.post("/v1/images/edits", data={"prompt": "x"},
+                           files={"image": ("init.png", init.read_bytes(), "image/png")})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["param"], error["code"]) == ("image", "unsupported_value")
+    assert "edits (img2img) are not served by this deployment (sd3)" in error["message"]

@@ -156,8 +156,9 @@ def test_bad_arguments_exit_2(tmp_path):
 
 
 def test_default_out_names_the_gpu():
-    want = Path("benchmarks/results/gpu_nvidia-h100-80gb-hbm3.json")
-    assert gpu.default_out("NVIDIA H100 80GB HBM3") == want
+    from benchmarks import OUT_DIR
+
+    assert gpu.default_out("NVIDIA H100 80GB HBM3") == OUT_DIR / "gpu_nvidia-h100-80gb-hbm3.json"
 
 
 def test_make_gpu_check_cpu_smoke(tmp_path):

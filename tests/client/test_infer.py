@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from asyncdiff.contract import INPUT_BY_NAME, INPUTS, OUTPUTS, Request
-from client.__main__ import Spinner, params_from_args, parse_args, save_png
+from client.__main__ import Spinner, load_image, params_from_args, parse_args, save_png
 from client.infer import (GenerationParams, auto_upscale_factor, build_request, default_url,
                           input_arrays, upscale)
 from client.perf import run_perf
@@ -64,8 +64,8 @@ def test_init_image_goes_as_uint8_and_sets_the_size(tmp_path):
 
     image = np.arange(16 * 24 * 3, dtype=np.uint8).reshape(16, 24, 3)
     Image.fromarray(image).save(tmp_path / "init.png")
-    params = params_from_args(parse_args(["x", "--init-image", str(tmp_path / "init.png"),
-                                          "--strength", "0.6"]))
+    args = parse_args(["x", "--init-image", str(tmp_path / "init.png"), "--strength", "0.6"])
+    params = params_from_args(args, None, load_image(args.init_image))
     assert (params.height, params.width, params.strength) == (16, 24, 0.6)
     described = _described("grpc", params)
     assert described["INIT_IMAGE"] == ("UINT8", [16, 24, 3])
@@ -108,6 +108,33 @@ def test_cli_maps_every_option():
 def test_cli_rejects_bad_options(bad):
     with pytest.raises(SystemExit):
         parse_args(bad)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--strength", "0.5"], "--strength (STRENGTH) applies to img2img only: give --init-image too"),
+    (["--preview-every", "2", "--no-stream"], "--preview-every needs the gRPC stream: drop --no-stream"),
+    (["--preview-every", "2", "--protocol", "http"],
+     "--preview-every needs the gRPC stream: drop --protocol http"),
+])
+def test_cli_refuses_options_that_would_do_nothing(args, says, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["p", *args])
+    assert info.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("missing.png", None, "No such file or directory"),
+    ("notes.png", b"not an image", "not an image file Pillow can read"),
+])
+def test_unreadable_init_image_is_named_before_any_connection(tmp_path, capsys, name, content, says):
+    from client.__main__ import main
+
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    # Nothing listens at this URL: the file's problem must be the one reported.
+    assert main(["p", "--init-image", str(path), "--url", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --init-image {path}: {says}"
 
 
 def test_upscale_and_png(tmp_path):

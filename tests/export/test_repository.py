@@ -309,6 +309,19 @@ def test_bad_options_fail_before_any_export(tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
+def test_no_progress_silences_the_loaders_bars_too(tmp_path, monkeypatch):
+    """The "Loading weights" bars come from transformers' and diffusers' loaders, which draw
+    them unless their switch is off: --no-progress turns both off before anything loads."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):  # on, and restored afterwards
+        monkeypatch.setattr(lib, "_tqdm_active", True)
+    assert export(tmp_path / "repo", "--model", "tiny", "--components", "2", "--steps", "0") == 2
+    assert not diffusers_logging.is_progress_bar_enabled()
+    assert not transformers_logging.is_progress_bar_enabled()
+
+
 def test_served_dtypes_are_what_the_bls_sends_and_receives():
     def art(name, ins, outs):
         spec = lambda n, d: IOSpec(n, np.dtype(d), (1,))  # noqa: E731

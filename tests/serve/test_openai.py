@@ -27,6 +27,7 @@ from PIL import Image
 from asyncdiff.contract import INIT_IMAGE, INPUT_BY_FIELD, MODEL_NAME
 from serve.launcher import free_port
 from serve.openai import IMAGE_OUTPUT, Settings, create_app, fit_image
+from serve.openai import main as openai_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a handwritten digit 7"
@@ -195,26 +196,49 @@ def test_edit_equals_direct_grpc(client, tiny_server):
                       height=height, **FAST)[0]
     assert np.array_equal(image, expected)
     assert not np.array_equal(image, init)
-    # An image of another size: refused at its own size (not served), resized to an explicit one.
-    large = np.asarray(Image.fromarray(init).resize((2 * width, 2 * height), Image.Resampling.NEAREST))
-    with pytest.raises(openai.BadRequestError, match=f"{2 * width}x{2 * height}") as info:
-        client.images.edit(image=png_file(large), prompt=PROMPT, extra_body=FAST)
-    assert info.value.param == "size"
-    resized = client.images.edit(image=png_file(large), prompt=PROMPT, size=f"{width}x{height}",
+    # An image of a size not served (the client's 256x256 PNGs): without a size, sent at the
+    # served size closest to its aspect ratio, here its own pixels back; with one, at that size.
+    large = np.asarray(Image.fromarray(init).resize((16 * width, 16 * height), Image.Resampling.NEAREST))
+    back = client.images.edit(image=png_file(large), prompt=PROMPT, extra_body={**FAST, "strength": 0.5})
+    assert np.array_equal(decode(back.data[0].b64_json), image)
+    resized = client.images.edit(image=png_file(large), prompt=PROMPT, size="24x16",
                                  extra_body={**FAST, "strength": 0.5})
-    expected = direct(tiny_server, init_image=fit_image(large, width, height), prompt=PROMPT,
-                      strength=0.5, width=width, height=height, **FAST)[0]
+    expected = direct(tiny_server, init_image=fit_image(large, 24, 16), prompt=PROMPT,
+                      strength=0.5, width=24, height=16, **FAST)[0]
     assert np.array_equal(decode(resized.data[0].b64_json), expected)
+    with pytest.raises(openai.BadRequestError, match="32x16 is not served") as info:
+        client.images.edit(image=png_file(large), prompt=PROMPT, size="32x16", extra_body=FAST)
+    assert info.value.param == "size"
 
 
 def test_unreachable_triton_is_a_503():
-    """No server behind the API: health and requests answer 503 in OpenAI's shape."""
-    app = create_app(Settings(triton_url=f"127.0.0.1:{free_port()}", timeout_s=10))
+    """No server behind the API: health and requests answer 503 in OpenAI's shape, saying
+    Triton cannot be reached (not "server busy", which clients take for load)."""
+    url = f"127.0.0.1:{free_port()}"
+    app = create_app(Settings(triton_url=url, timeout_s=10))
     with TestClient(app) as http:
         assert http.get("/health").status_code == 503
         response = http.post("/v1/images/generations", json={"prompt": PROMPT})
         assert response.status_code == 503, response.text
-        assert response.json()["error"]["type"] == "server_error"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "triton_unreachable")
+        assert error["message"].startswith(f"nothing answers gRPC at {url} (connection refused)")
+
+
+@pytest.mark.parametrize("where, says", [
+    ("http", "{url} does not speak gRPC: is it Triton's HTTP port?"),
+    ("nothing", "nothing answers gRPC at {url} (connection refused)"),
+])
+def test_start_checks_the_triton_url(tiny_server, where, says, capsys):
+    """Triton's HTTP port given for gRPC fails at once; nothing listening fails after
+    --wait-triton; either way one error line and no API started."""
+    url = tiny_server.http_url if where == "http" else f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert openai_main(["--triton-url", url, "--port", str(free_port()), "--wait-triton", "2"]) == 1
+    assert time.monotonic() - started < (2 if where == "http" else 10)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {says.format(url=url)}"), err
+    assert len(err) == (1 if where == "http" else 2)  # the second: one "waiting up to 2 s" line
 
 
 def test_deadline_is_a_504_and_cancels(tiny_server):
